@@ -1,0 +1,1 @@
+"""dopsd: continual D-OPSD fine-tuning of few-step text-to-image models."""

@@ -1,0 +1,130 @@
+"""Student and teacher LoRA adapters on one transformer, the EMA that ties them, and their files.
+
+Both adapters live side by side in the same PEFT layers. The active one is switched by `use_adapter` without
+PEFT's `set_adapter`, which also flips `requires_grad` (it would make the teacher trainable and detach the
+student between its forward and its backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+STUDENT = "student"
+TEACHER = "teacher"
+
+
+def lora_config(rank: int, alpha: float, targets: Sequence[str]) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+
+
+def check_targets(transformer: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Fail before training when a LoRA target names no linear layer of the transformer."""
+    linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        parts = [n.split(".") for n in linear]
+        examples = sorted({".".join(p[-2:]) if p[-1].isdigit() else p[-1] for p in parts})
+        raise ValueError(
+            f"LoRA target(s) {missing} match no linear layer of {type(transformer).__name__}; "
+            f"module-name suffixes it has: {examples[:20]}"
+        )
+
+
+def add_student_teacher(transformer, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """Add `student` (trainable) and `teacher` (frozen) LoRA adapters, both starting equal (B = 0: the base)."""
+    check_targets(transformer, targets)
+    config = lora_config(rank, alpha, targets)
+    transformer.add_adapter(config, adapter_name=STUDENT)
+    transformer.add_adapter(config, adapter_name=TEACHER)
+    set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name=STUDENT), TEACHER)
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(f".{STUDENT}." in name)
+    set_active_adapter(transformer, STUDENT)
+
+
+def lora_layers(transformer: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def set_active_adapter(transformer: torch.nn.Module, name: str | None) -> None:
+    """Route every LoRA layer through adapter `name` (None: the base weights alone). Leaves requires_grad alone."""
+    for layer in lora_layers(transformer):
+        layer._active_adapter = [name] if name else []
+
+
+def active_adapter(transformer: torch.nn.Module) -> str | None:
+    layers = lora_layers(transformer)
+    names = layers[0].active_adapters if layers else []
+    return names[0] if names else None
+
+
+@contextmanager
+def use_adapter(transformer: torch.nn.Module, name: str | None) -> Iterator[None]:
+    previous = active_adapter(transformer)
+    set_active_adapter(transformer, name)
+    try:
+        yield
+    finally:
+        set_active_adapter(transformer, previous)
+
+
+def adapter_pairs(transformer: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(teacher, student) parameter pairs, matched by name."""
+    params = dict(transformer.named_parameters())
+    pairs = []
+    for name, student in params.items():
+        if f".{STUDENT}." in name:
+            pairs.append((params[name.replace(f".{STUDENT}.", f".{TEACHER}.")], student))
+    return pairs
+
+
+@torch.no_grad()
+def ema_update(pairs: Sequence[tuple[torch.nn.Parameter, torch.nn.Parameter]], decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student."""
+    teachers: list[torch.Tensor] = [t for t, _ in pairs]
+    students = [s.detach().to(t.dtype) for t, s in pairs]
+    torch._foreach_lerp_(teachers, students, 1.0 - decay)
+
+
+def adapter_state_dict(transformer: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights under PEFT's adapter-free key names (what diffusers' LoRA files hold)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+
+
+def load_adapter_state(transformer: torch.nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter state for {name!r} has keys the model lacks: {unexpected[:5]}")
+
+
+def adapter_metadata(transformer: Any, name: str) -> dict:
+    """The LoRA config (rank, alpha, targets) stored beside the weights, so loaders rebuild it exactly."""
+    return transformer.peft_config[name].to_dict()
+
+
+def save_adapter(model, name: str, directory: str | Path) -> Path:
+    """Write adapter `name` as a diffusers-format LoRA (`pytorch_lora_weights.safetensors`) in `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    transformer = model.pipeline.transformer
+    state = adapter_state_dict(transformer, name)
+    model.save_lora(directory, state, _jsonable(adapter_metadata(transformer, name)))
+    return directory
+
+
+def _jsonable(config: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, set):
+            value = sorted(value)
+        if isinstance(value, (str, int, float, bool, list, dict)) or value is None:
+            out[key] = value
+    return out

@@ -1,0 +1,117 @@
+"""The `dopsd` command line: train a round, sample previews, build tiny models, run the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Any, get_args
+
+import typer
+
+from dopsd.config import TrainConfig, field_docs, field_types, make_config, preset_names
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _option_type(kind: Any) -> Any:
+    # Literal choices and bools pass through as strings and are validated by config.coerce, with a clear error.
+    return str if get_args(kind) or kind is bool else kind
+
+
+def _train_command(preset: str | None = None, **overrides: Any) -> None:
+    from dopsd.train import train
+
+    config = make_config(preset, **overrides)
+    missing = [name for name in ("model", "data") if not getattr(config, name)]
+    if missing:
+        raise typer.BadParameter(f"--{' and --'.join(missing)} required (directly or from the preset)")
+
+    def show(step: int, metrics: dict[str, float]) -> None:
+        typer.echo(json.dumps({"step": step, **metrics}))
+
+    adapter = train(config, on_metrics=show)
+    typer.echo(f"adapter written to {adapter}")
+
+
+def _build_train_signature() -> inspect.Signature:
+    docs, types = field_docs(TrainConfig), field_types(TrainConfig)
+    params = [
+        inspect.Parameter(
+            "preset",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                str | None, typer.Option(help=f"Preset: {', '.join(preset_names())} or a .toml path.")
+            ],
+        )
+    ]
+    for f in dataclasses.fields(TrainConfig):
+        kind = types[f.name]
+        choices = get_args(kind)
+        help_text = docs.get(f.name, "") + (f" [{'|'.join(choices)}]" if choices else "")
+        help_text += f" (default {f.default!r})"
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[_option_type(kind) | None, typer.Option(help=help_text, show_default=False)],
+            )
+        )
+    return inspect.Signature(params)
+
+
+_train_command.__signature__ = _build_train_signature()  # type: ignore[attr-defined]
+app.command("train", help="Run (or resume) a fine-tuning round: D-OPSD or the SFT baseline.")(_train_command)
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Option(help="Pipeline folder or hub id.")],
+    prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for several).")],
+    adapter: Annotated[str | None, typer.Option(help="LoRA folder (diffusers format) to load.")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps (the deployed setting).")] = 4,
+    seeds: Annotated[str, typer.Option(help="Seeds, e.g. 0-7 or 0,3,5.")] = "0-7",
+    resolution: Annotated[int, typer.Option(help="Square image size.")] = 1024,
+    guidance: Annotated[float, typer.Option(help="Guidance scale (0 for distilled models).")] = 0.0,
+    family: Annotated[str, typer.Option(help="auto | zimage | flux2-klein")] = "auto",
+    text_encoder_layers: Annotated[str, typer.Option(help="FLUX.2-klein: hidden layers to stack.")] = "",
+    out: Annotated[Path, typer.Option(help="PNG grid to write (rows: prompts, columns: seeds).")] = Path("samples.png"),
+) -> None:
+    """Sample a PNG grid with the real pipeline at the deployed setting, with or without an adapter."""
+    from dopsd.preview import parse_seeds, sample_grid
+
+    grid = sample_grid(
+        model, prompt, parse_seeds(seeds), steps, resolution, guidance, adapter, family, text_encoder_layers
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    typer.echo(f"wrote {out} ({len(prompt)} prompts x {len(parse_seeds(seeds))} seeds, {steps} steps)")
+
+
+@app.command("build-tiny")
+def build_tiny(
+    out: Annotated[Path, typer.Option(help="Folder to write the pipeline to.")],
+    family: Annotated[str, typer.Option(help="zimage | flux2-klein")] = "zimage",
+    seed: Annotated[int, typer.Option(help="Init seed.")] = 0,
+) -> None:
+    """Build a tiny random pipeline of a real family locally (no hub), for tests and trials."""
+    from dopsd.models.tiny import build_tiny_flux2_klein, build_tiny_zimage
+
+    builder = {"zimage": build_tiny_zimage, "flux2-klein": build_tiny_flux2_klein}[family]
+    typer.echo(f"built {builder(out, seed=seed)}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its model, data and round.")] = Path("runs/demo"),
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 40,
+) -> None:
+    """Until the nano world lands: build a tiny Z-Image and a tiny concept dataset, run a D-OPSD round, and
+    write 4-step sample grids before and after."""
+    from dopsd.demo import run_demo
+
+    for line in run_demo(workdir, steps):
+        typer.echo(line)

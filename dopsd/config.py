@@ -1,0 +1,175 @@
+"""The training configuration: one typed dataclass, a docstring per field, presets as TOML files.
+
+Every field is a command-line option of `dopsd train` (its help is the field's docstring); a preset fills the
+defaults of a model family from the recipe of the D-OPSD authors (see dopsd/presets/).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    """Pipeline folder or hub id (e.g. Tongyi-MAI/Z-Image-Turbo)."""
+    family: Literal["auto", "zimage", "flux2-klein"] = "auto"
+    """Model family; auto reads the pipeline class from model_index.json."""
+    teacher_encoder: str = ""
+    """Z-Image only: Qwen3-VL folder or hub id for the teacher context (default: teacher_encoder/ beside the
+    pipeline, else Qwen/Qwen3-VL-4B-Instruct)."""
+    data: str = ""
+    """Dataset folder: images with same-name .txt captions."""
+    output: str = "runs/round"
+    """Where checkpoints, the adapter and metrics go."""
+    method: Literal["dopsd", "sft"] = "dopsd"
+    """dopsd: on-policy self-distillation; sft: ordinary flow matching on the targets (the baseline)."""
+    resolution: int = 1024
+    """Training resolution (square; images are resized and centre-cropped)."""
+    steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Samples per process per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision for the transformer (bf16 on GPUs)."""
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the frozen networks are loaded in."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (much less memory, ~40% slower)."""
+    lora_rank: int = 64
+    """LoRA rank."""
+    lora_alpha: float = 128.0
+    """LoRA alpha (scale = alpha / rank)."""
+    lora_targets: str = ""
+    """Comma-separated module-name suffixes to adapt (empty: the family's attention + feed-forward layers)."""
+    ema_decay: float = 0.9
+    """Teacher EMA decay: teacher <- d * teacher + (1 - d) * student after each step."""
+    teacher: Literal["ema", "base", "live"] = "ema"
+    """Teacher weights: EMA of the student, the frozen base, or the live student (collapses; ablation)."""
+    target: Literal["x0", "velocity"] = "x0"
+    """Distance between predicted x0 (authors' code) or velocities (paper text)."""
+    rollout: Literal["fixed", "model"] = "fixed"
+    """Roll-out sigmas: `rollout_sigmas`, or the model's own inference schedule at `rollout_steps`."""
+    rollout_sigmas: str = "1.0,0.9,0.75,0.5"
+    """Comma-separated roll-out sigmas for rollout=fixed (0 is appended)."""
+    rollout_steps: int = 4
+    """Roll-out steps for rollout=model."""
+    grad_steps: int = 0
+    """Train on this many random roll-out states per step, forward-only for the rest (0: all)."""
+    backward_per_step: bool = True
+    """Backward after each roll-out step (frees its graph; same gradient as one summed backward)."""
+    checkpoint_every: int = 250
+    """Save a resumable checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N checkpoints."""
+    log_every: int = 10
+    """Report metrics every N steps."""
+    seed: int = 0
+    """Seed of noise, data order and LoRA init."""
+    deployed_steps: int = 4
+    """Steps the model is served with (sampling previews, evaluation)."""
+    guidance: float = 0.0
+    """Guidance scale it is served with (0 for step-distilled models)."""
+    max_caption_tokens: int = 512
+    """Caption tokens kept by the text encoder."""
+    text_encoder_layers: str = ""
+    """FLUX.2-klein only: comma-separated hidden-state layers stacked into the context (empty: 9,18,27)."""
+
+    def sigmas_list(self) -> list[float]:
+        values = [float(s) for s in self.rollout_sigmas.split(",") if s.strip()]
+        if not values or values[0] > 1 or any(b >= a for a, b in zip(values, values[1:], strict=False)):
+            raise ValueError(f"rollout_sigmas must decrease from <= 1, got {self.rollout_sigmas!r}")
+        return [*values, 0.0]
+
+    def targets_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field), as cleanrl/tyro read them."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_types(cls: type = TrainConfig) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def coerce(name: str, value: Any, cls: type = TrainConfig) -> Any:
+    """Convert a preset or command-line value to the field's type, with an error naming the field."""
+    kind = field_types(cls)[name]
+    choices = get_args(kind)
+    try:
+        if choices:
+            if value not in choices:
+                raise ValueError(f"choose one of {list(choices)}")
+            return value
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return value.lower() in ("true", "1", "yes")
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config field {name!r}: bad value {value!r} ({error})") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ValueError(f"preset {name_or_path!r} not found; presets: {', '.join(preset_names())}")
+    values = tomllib.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"preset {path}: unknown field(s) {unknown}")
+    return values
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults <- preset <- overrides (None values in overrides are ignored)."""
+    values = load_preset(preset) if preset else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()})

@@ -1,0 +1,168 @@
+"""Z-Image (Z-Image-Turbo and the nano model) as a FewStepModel over the real `ZImagePipeline`.
+
+Z-Image's own conventions, hidden here: the transformer takes timestep 1 - sigma and predicts x0 - noise (the
+pipeline negates it); latents are lists of (C, 1, H, W); captions are variable-length lists of (L_i, D).
+The teacher sees [target image, prompt] through a Qwen3-VL encoder that carries the text encoder's own Qwen3
+weights, so its caption features live in the same space as the student's and simply carry image tokens too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+from PIL import Image
+from transformers import AutoImageProcessor, Qwen3VLForConditionalGeneration
+
+from dopsd.models.base import Context, FewStepModel
+from dopsd.models.tiny import TEACHER_ENCODER_FOLDER, TEACHER_PROCESSOR_FOLDER, transplant_text_weights
+
+DEFAULT_TEACHER_ENCODER = "Qwen/Qwen3-VL-4B-Instruct"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+class ZImageModel(FewStepModel):
+    family = "zimage"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
+
+    def __init__(
+        self,
+        pipeline: ZImagePipeline,
+        teacher_encoder: Qwen3VLForConditionalGeneration | None,
+        teacher_processor=None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_caption_tokens: int = 512,
+        max_teacher_tokens: int = 1024,
+    ):
+        self.teacher_encoder = teacher_encoder
+        self.teacher_processor = teacher_processor
+        self.max_caption_tokens = max_caption_tokens
+        self.max_teacher_tokens = max_teacher_tokens
+        super().__init__(pipeline, device, dtype)
+        if teacher_encoder is not None:
+            teacher_encoder.to(self.device)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        extra = [self.teacher_encoder] if self.teacher_encoder is not None else []
+        return [*super().frozen_modules(), *extra]
+
+    @classmethod
+    def load(
+        cls,
+        path_or_id: str,
+        teacher_encoder: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        with_teacher_encoder: bool = True,
+        max_caption_tokens: int = 512,
+    ) -> ZImageModel:
+        """Load the pipeline and its Qwen3-VL teacher encoder (a `teacher_encoder/` folder beside the pipeline,
+        else `teacher_encoder`, else Qwen3-VL-4B), transplanting the text encoder's weights into it."""
+        pipeline = ZImagePipeline.from_pretrained(path_or_id, dtype=dtype)
+        if not with_teacher_encoder:
+            return cls(pipeline, None, None, device=device, dtype=dtype, max_caption_tokens=max_caption_tokens)
+        local = Path(path_or_id) / TEACHER_ENCODER_FOLDER
+        source = teacher_encoder or (str(local) if local.is_dir() else DEFAULT_TEACHER_ENCODER)
+        processor_local = Path(path_or_id) / TEACHER_PROCESSOR_FOLDER
+        processor_source = str(processor_local) if processor_local.is_dir() and not teacher_encoder else source
+        vl = Qwen3VLForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        transplant_text_weights(pipeline.text_encoder, vl)
+        processor = AutoImageProcessor.from_pretrained(processor_source)
+        return cls(pipeline, vl, processor, device=device, dtype=dtype, max_caption_tokens=max_caption_tokens)
+
+    def encode_student(self, prompts: Sequence[str]) -> list[Context]:
+        with torch.no_grad():
+            # _encode_prompt rewrites the list it is given: pass a copy.
+            feats = self.pipeline._encode_prompt(
+                list(prompts), device=self.device, max_sequence_length=self.max_caption_tokens
+            )
+        return [{"cap_feats": f.to(self.dtype)} for f in feats]
+
+    def encode_teacher(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[Context]:
+        if self.teacher_encoder is None:
+            raise ValueError("this Z-Image model was loaded without a teacher encoder (Qwen3-VL); D-OPSD needs one")
+        return [self._encode_image_prompt(p, im) for p, im in zip(prompts, images, strict=True)]
+
+    def _encode_image_prompt(self, prompt: str, image: Image.Image) -> Context:
+        encoder, processor = self.teacher_encoder, self.teacher_processor
+        assert encoder is not None and processor is not None
+        tokenizer = self.pipeline.tokenizer
+        vision = processor(images=[image.convert("RGB")], return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        merge = encoder.config.vision_config.spatial_merge_size
+        n_image_tokens = int(grid.prod()) // merge**2
+        # The chat turn is built from a string so any Qwen3 chat template serves; the image placeholder is then
+        # expanded to one pad token per merged vision patch, as the Qwen3-VL processor does.
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": IMAGE_PLACEHOLDER + prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens, 1)
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=self.max_teacher_tokens).input_ids
+        image_token_id = encoder.config.image_token_id
+        if int((ids == image_token_id).sum()) != n_image_tokens:
+            raise ValueError(
+                f"teacher prompt too long: the image needs {n_image_tokens} tokens within {self.max_teacher_tokens}"
+            )
+        ids = ids.to(self.device)
+        with torch.no_grad():
+            out = encoder(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=vision["pixel_values"].to(self.device, encoder.dtype),
+                image_grid_thw=grid.to(self.device),
+                mm_token_type_ids=(ids == image_token_id).int(),
+                output_hidden_states=True,
+            )
+        return {"cap_feats": out.hidden_states[-2][0].to(self.dtype)}
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, contexts: Sequence[Context]) -> torch.Tensor:
+        x = list(latents.to(self.dtype).unsqueeze(2).unbind(0))
+        timestep = (1.0 - sigma).to(self.device, self.dtype)
+        caps = [c["cap_feats"] for c in contexts]
+        out = self.transformer(x, timestep, caps, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2).float()
+
+    def schedule(self, steps: int, height: int, width: int) -> torch.Tensor:
+        # Same call the pipeline makes; the shift is the scheduler's (3 for Z-Image-Turbo: 1, .9, .75, .5, 0).
+        scheduler = self.pipeline.scheduler
+        sigmas = torch.linspace(1.0, 1.0 / steps, steps).tolist()
+        seq = (height // self.resolution_multiple) * (width // self.resolution_multiple)
+        mu = calculate_shift(
+            seq,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device="cpu")
+        return scheduler.sigmas.float().clone()
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        f = self.pipeline.vae_scale_factor
+        return (int(self.pipeline.transformer.config.in_channels), height // f, width // f)
+
+    def to_latents(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
+        vae = self.pipeline.vae
+        pixels = self.pipeline.image_processor.preprocess(
+            [im.convert("RGB") for im in images], height=height, width=width, resize_mode="crop"
+        )
+        with torch.no_grad():
+            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+    def to_images(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            pixels = vae.decode(z, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+    def pipeline_kwargs(self) -> dict:
+        return {"guidance_scale": 0.0, "max_sequence_length": self.max_caption_tokens}

@@ -1,0 +1,118 @@
+"""The training objectives, as pure functions over a FewStepModel: D-OPSD and the SFT baseline.
+
+Neither touches an optimizer. `dopsd_loss` can run a backward per roll-out step (pass `backward`): each step's
+graph is freed before the next is built, so peak memory stays that of one forward+backward, and the summed
+gradient is the same as one backward of the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from dopsd.adapters import STUDENT, TEACHER, use_adapter
+from dopsd.models.base import Context, FewStepModel
+
+TeacherKind = Literal["ema", "base", "live"]
+Target = Literal["x0", "velocity"]
+
+# Adapter each teacher kind evaluates with: the EMA copy, none (the frozen base), or the student itself.
+TEACHER_ADAPTER: dict[str, str | None] = {"ema": TEACHER, "base": None, "live": STUDENT}
+
+
+@dataclass
+class DopsdOutput:
+    loss: torch.Tensor
+    """Mean over trained roll-out steps; detached when the backward already ran per step."""
+    step_losses: list[float]
+    """Loss of each trained roll-out step, in roll-out order."""
+    states: list[torch.Tensor]
+    """The detached student states x_k the roll-out visited (one per step of the schedule)."""
+
+
+def rollout_steps_to_train(num_steps: int, grad_steps: int, generator: torch.Generator | None) -> list[int]:
+    """Indices of the roll-out steps that get a loss and a backward; grad_steps <= 0 or >= K means all."""
+    if grad_steps <= 0 or grad_steps >= num_steps:
+        return list(range(num_steps))
+    return sorted(torch.randperm(num_steps, generator=generator)[:grad_steps].tolist())
+
+
+def prediction_distance(v_student, v_teacher, states, sigma, target: Target) -> torch.Tensor:
+    """MSE of the predicted x0 (x - sigma * v) or of the velocity itself, per sample averaged."""
+    if target == "velocity":
+        return F.mse_loss(v_student, v_teacher)
+    s = sigma.view(-1, *([1] * (states.dim() - 1)))
+    return F.mse_loss(states - s * v_student, states - s * v_teacher)
+
+
+def dopsd_loss(
+    model: FewStepModel,
+    student_contexts: Sequence[Context],
+    teacher_contexts: Sequence[Context],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    target: Target = "x0",
+    teacher: TeacherKind = "ema",
+    grad_steps: int = 0,
+    generator: torch.Generator | None = None,
+    backward: Callable[[torch.Tensor, bool], None] | None = None,
+) -> DopsdOutput:
+    """On-policy self-distillation: roll the student out from `noise` along `sigmas` (ending at 0), and at every
+    state it visits pull its prediction toward the teacher's (same network, teacher adapter, image context).
+
+    States are detached (no backprop through time). `backward(loss_term, is_last)` if given is called on each
+    trained step's share of the mean, so callers can free graphs early and sync gradients once.
+    """
+    transformer = model.pipeline.transformer
+    teacher_adapter = TEACHER_ADAPTER[teacher]
+    num_steps = len(sigmas) - 1
+    trained = rollout_steps_to_train(num_steps, grad_steps, generator)
+    x = noise.float()
+    states: list[torch.Tensor] = []
+    terms: list[torch.Tensor] = []
+    step_losses: list[float] = []
+    for k in range(num_steps):
+        state = x.detach()
+        states.append(state)
+        sigma = torch.full((state.shape[0],), float(sigmas[k]), device=state.device)
+        train_here = k in trained
+        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here):
+            v_student = model.velocity(state, sigma, student_contexts)
+        if train_here:
+            with use_adapter(transformer, teacher_adapter), torch.no_grad():
+                v_teacher = model.velocity(state, sigma, teacher_contexts)
+            term = prediction_distance(v_student, v_teacher, state, sigma, target) / len(trained)
+            step_losses.append(float(term.detach()) * len(trained))
+            if backward is not None:
+                backward(term, k == trained[-1])
+                term = term.detach()
+            terms.append(term)
+        x = state + (float(sigmas[k + 1]) - float(sigmas[k])) * v_student.detach()
+    return DopsdOutput(loss=torch.stack(terms).sum(), step_losses=step_losses, states=states)
+
+
+def sample_training_sigmas(
+    batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Logit-normal(0, 1) sigmas, the usual rectified-flow training density (mass in the middle)."""
+    return torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
+
+
+def sft_loss(
+    model: FewStepModel,
+    contexts: Sequence[Context],
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+) -> torch.Tensor:
+    """Ordinary flow matching on the targets: the baseline that forgets few-step sampling."""
+    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1 - s) * latents + s * noise
+    with use_adapter(model.pipeline.transformer, STUDENT):
+        v = model.velocity(noisy, sigma, contexts)
+    return F.mse_loss(v, noise - latents)

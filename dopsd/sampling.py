@@ -1,0 +1,34 @@
+"""Few-step sampling in the project's convention: a plain Euler loop over `FewStepModel.velocity`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from dopsd.models.base import Context, FewStepModel
+
+
+@torch.no_grad()
+def euler_sample(
+    model: FewStepModel, noise: torch.Tensor, sigmas: torch.Tensor, contexts: Sequence[Context]
+) -> torch.Tensor:
+    """Integrate from `noise` at sigmas[0] to sigmas[-1] (usually 0) with one velocity call per step."""
+    x = noise.float()
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        v = model.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), contexts)
+        x = x + (sigma_next - sigma) * v
+    return x
+
+
+def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Tile equally sized images row by row."""
+    if not images:
+        raise ValueError("no images to tile")
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid

@@ -1,0 +1,262 @@
+"""One fine-tuning round: the training loop (accelerate), its cache, its checkpoints.
+
+Everything that can fail on bad input (data folder, model, LoRA targets, resolution) is checked before the first
+step. Contexts and latents are computed once per sample and cached on disk: the teacher's VLM encoding is the
+expensive part, and a resumed round reuses them. A checkpoint holds everything needed to continue exactly:
+both adapters, the optimizer, the step, and the random generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dopsd import adapters
+from dopsd.config import TrainConfig
+from dopsd.data import read_dataset
+from dopsd.models import Context, FewStepModel, load_model
+from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class SampleCache:
+    """Per-sample tensors computed once: student and teacher contexts and target latents."""
+
+    student: list[Context]
+    teacher: list[Context]
+    latents: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        flat = {"latents": self.latents.contiguous()}
+        for role, contexts in (("student", self.student), ("teacher", self.teacher)):
+            for i, context in enumerate(contexts):
+                flat.update({f"{role}.{i}.{k}": v.contiguous().cpu() for k, v in context.items()})
+        save_file(flat, str(path))
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> SampleCache:
+        flat = load_file(str(path), device=str(device))
+        n = flat["latents"].shape[0]
+        contexts: dict[str, list[Context]] = {
+            "student": [{} for _ in range(n)],
+            "teacher": [{} for _ in range(n)],
+        }
+        for key, value in flat.items():
+            if key != "latents":
+                role, index, name = key.split(".", 2)
+                contexts[role][int(index)][name] = value
+        return cls(contexts["student"], contexts["teacher"], flat["latents"])
+
+
+def build_model(config: TrainConfig, device: torch.device) -> FewStepModel:
+    dtype = torch.bfloat16 if config.weights_dtype == "bfloat16" else torch.float32
+    layers = tuple(int(x) for x in config.text_encoder_layers.split(",") if x.strip())
+    return load_model(
+        config.model,
+        config.family,
+        device=device,
+        dtype=dtype,
+        teacher_encoder=config.teacher_encoder,
+        max_caption_tokens=config.max_caption_tokens,
+        text_encoder_layers=layers,
+    )
+
+
+def build_cache(model: FewStepModel, config: TrainConfig, path: Path, device: torch.device) -> SampleCache:
+    """Encode every sample once (reused from `path` when it exists: a resumed round skips the encoders)."""
+    if path.is_file():
+        return SampleCache.load(path, device)
+    examples = read_dataset(config.data)
+    student, teacher, latents = [], [], []
+    for example in tqdm(examples, desc="encoding samples", leave=False):
+        image = example.load_image()
+        student += model.encode_student([example.caption])
+        if config.method == "dopsd":
+            teacher += model.encode_teacher([example.caption], [image])
+        latents.append(model.to_latents([image], config.resolution, config.resolution))
+    cache = SampleCache(student, teacher, torch.cat(latents))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache.save(path)
+    return cache
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    complete = [p for p in (output / CHECKPOINTS).glob("step-*") if p.name[len("step-") :].isdigit()]
+    return sorted(complete, key=lambda p: int(p.name[len("step-") :]))
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output: Path, step: int, transformer, optimizer, generators: dict, keep: int
+) -> None:
+    """Write step-N into a temp folder, renamed when complete, then drop all but the newest `keep`.
+    Adapters and optimizer are the same on every process; each process adds its own random generators."""
+    final = output / CHECKPOINTS / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in (adapters.STUDENT, adapters.TEACHER):
+            save_file(adapters.adapter_state_dict(transformer, name), str(tmp / f"{name}.safetensors"))
+        # Plain tensors and numbers: torch.load(weights_only=True) reads them back without unpickling code.
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+    rng = {k: g.get_state() for k, g in generators.items()}
+    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(output)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, transformer, optimizer, generators: dict) -> int:
+    for name in (adapters.STUDENT, adapters.TEACHER):
+        adapters.load_adapter_state(transformer, name, load_file(str(folder / f"{name}.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=True)
+    for key, generator in generators.items():
+        generator.set_state(rng[key])
+    return int(json.loads((folder / "step.json").read_text())["step"])
+
+
+def rollout_sigmas(model: FewStepModel, config: TrainConfig) -> torch.Tensor:
+    if config.rollout == "model":
+        return model.schedule(config.rollout_steps, config.resolution, config.resolution)
+    return torch.tensor(config.sigmas_list())
+
+
+def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Path:
+    """Run (or resume) a round; returns the folder of the final student adapter (diffusers LoRA format)."""
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    output = Path(config.output)
+    device = accelerator.device
+    read_dataset(config.data)  # every data problem surfaces before a model is loaded
+    model = build_model(config, device)
+    model.check_resolution(config.resolution, config.resolution)
+    transformer = model.pipeline.transformer
+    targets = config.targets_list() or list(model.default_lora_targets)
+    torch.manual_seed(config.seed)  # LoRA A init: identical on every process
+    adapters.add_student_teacher(transformer, config.lora_rank, config.lora_alpha, targets)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+    )
+    model.transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    pairs = adapters.adapter_pairs(transformer)
+
+    with accelerator.main_process_first():
+        cache = build_cache(model, config, output / "cache" / f"{config.method}.safetensors", device)
+    sigmas = rollout_sigmas(model, config)
+    rank_seed = config.seed * 1000 + accelerator.process_index
+    generators = {
+        "data": torch.Generator().manual_seed(rank_seed),
+        "noise": torch.Generator().manual_seed(rank_seed + 1),
+    }
+
+    step = 0
+    existing = checkpoint_dirs(output)
+    if existing:
+        step = load_checkpoint(accelerator, existing[-1], transformer, optimizer, generators)
+        accelerator.print(f"resuming from {existing[-1]} (step {step})")
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(config.to_json())
+
+    def backward(loss: torch.Tensor, sync: bool) -> None:
+        # Gradients are all-reduced once per optimizer step, on its last backward.
+        context = contextlib.nullcontext() if sync else accelerator.no_sync(model.transformer)
+        with context:
+            accelerator.backward(loss)
+
+    def backward_share(loss: torch.Tensor, last_rollout_step: bool, final_micro: bool) -> None:
+        backward(loss / config.grad_accum, last_rollout_step and final_micro)
+
+    n = cache.latents.shape[0]
+    progress = tqdm(
+        total=config.steps,
+        initial=step,
+        desc=f"{config.method} round",
+        disable=not accelerator.is_main_process,
+    )
+    while step < config.steps:
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            last_micro = micro == config.grad_accum - 1
+            index = torch.randint(n, (config.batch_size,), generator=generators["data"]).tolist()
+            latents = cache.latents[index]
+            noise = torch.randn(latents.shape, generator=generators["noise"]).to(device)
+            student = [cache.student[i] for i in index]
+            with accelerator.autocast():
+                if config.method == "dopsd":
+                    out = dopsd_loss(
+                        model,
+                        student,
+                        [cache.teacher[i] for i in index],
+                        noise,
+                        sigmas,
+                        target=config.target,
+                        teacher=config.teacher,
+                        grad_steps=config.grad_steps,
+                        generator=generators["noise"],
+                        backward=functools.partial(backward_share, final_micro=last_micro)
+                        if config.backward_per_step
+                        else None,
+                    )
+                    loss = out.loss
+                else:
+                    sigma = sample_training_sigmas(config.batch_size, generators["noise"], device)
+                    loss = sft_loss(model, student, latents, noise, sigma)
+            if config.method == "sft" or not config.backward_per_step:
+                backward(loss / config.grad_accum, last_micro)
+            step_loss += float(loss.detach()) / config.grad_accum
+        if not math.isfinite(step_loss):
+            kept = checkpoint_dirs(output)
+            raise TrainingDiverged(
+                f"loss became {step_loss} at step {step + 1}; the round stopped. Last good checkpoint: "
+                f"{kept[-1] if kept else 'none (no checkpoint was written yet)'}. Lower --lr or check the data."
+            )
+        grad_norm = accelerator.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        adapters.ema_update(pairs, config.ema_decay)
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+        if on_metrics and accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
+            metrics = {"loss": step_loss}
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            on_metrics(step, metrics)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_checkpoint(accelerator, output, step, transformer, optimizer, generators, config.keep_checkpoints)
+    progress.close()
+    accelerator.wait_for_everyone()
+    adapter_dir = output / ADAPTER
+    if accelerator.is_main_process:
+        adapters.save_adapter(model, adapters.STUDENT, adapter_dir)
+    accelerator.end_training()
+    return adapter_dir

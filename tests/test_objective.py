@@ -1,0 +1,166 @@
+"""D-OPSD and SFT objectives on the tiny Z-Image (real classes)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dopsd import adapters
+from dopsd.models import ZImageModel
+from dopsd.objective import dopsd_loss, rollout_steps_to_train, sft_loss
+
+SIGMAS = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+@pytest.fixture
+def model(tiny_zimage_path):
+    torch.manual_seed(0)
+    m = ZImageModel.load(tiny_zimage_path)
+    adapters.add_student_teacher(m.pipeline.transformer, 4, 8.0, m.default_lora_targets)
+    return m
+
+
+def perturb_student(model, scale=0.05):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, student in adapters.adapter_pairs(model.pipeline.transformer):
+            student.add_(scale * torch.randn_like(student))
+
+
+def images(n):
+    torch.manual_seed(2)
+    return [Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()) for _ in range(n)]
+
+
+def noise(model):
+    return model.noise(2, 32, 32, torch.Generator().manual_seed(0))
+
+
+def test_zero_when_teacher_equals_student(model):
+    ctx = model.encode_student(PROMPTS)
+    out = dopsd_loss(model, ctx, ctx, noise(model), SIGMAS)
+    assert out.loss.item() == 0.0
+    assert len(out.states) == 4
+
+
+def test_positive_with_image_context_or_different_adapters(model):
+    student = model.encode_student(PROMPTS)
+    teacher = model.encode_teacher(PROMPTS, images(2))
+    assert dopsd_loss(model, student, teacher, noise(model), SIGMAS).loss.item() > 0
+    perturb_student(model)
+    assert dopsd_loss(model, student, student, noise(model), SIGMAS).loss.item() > 0
+
+
+def test_gradients_reach_student_adapter_only(model):
+    perturb_student(model)  # B != 0 so gradients reach both LoRA matrices
+    transformer = model.pipeline.transformer
+    student = model.encode_student(PROMPTS)
+    teacher = model.encode_teacher(PROMPTS, images(2))
+    dopsd_loss(model, student, teacher, noise(model), SIGMAS).loss.backward()
+    grads = {n: p.grad for n, p in transformer.named_parameters()}
+    student_grads = [g for n, g in grads.items() if ".student." in n]
+    assert student_grads and all(g is not None and g.abs().sum() > 0 for g in student_grads)
+    assert all(g is None for n, g in grads.items() if ".student." not in n)
+    for encoder in (model.pipeline.text_encoder, model.teacher_encoder, model.pipeline.vae):
+        assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+
+
+def test_teacher_sees_the_students_own_states(model, monkeypatch):
+    perturb_student(model)
+    calls = []
+    real_velocity = model.velocity
+
+    def recording_velocity(latents, sigma, contexts):
+        name = adapters.active_adapter(model.pipeline.transformer)
+        calls.append((name, latents.detach().clone(), float(sigma[0]), len(contexts[0]["cap_feats"])))
+        return real_velocity(latents, sigma, contexts)
+
+    monkeypatch.setattr(model, "velocity", recording_velocity)
+    student = model.encode_student(PROMPTS)
+    teacher = model.encode_teacher(PROMPTS, images(2))
+    out = dopsd_loss(model, student, teacher, noise(model), SIGMAS)
+    assert [c[0] for c in calls] == ["student", "teacher"] * 4
+    for k in range(4):
+        s_call, t_call = calls[2 * k], calls[2 * k + 1]
+        assert torch.equal(s_call[1], t_call[1]) and torch.equal(s_call[1], out.states[k])
+        assert s_call[2] == t_call[2] == pytest.approx(float(SIGMAS[k]))
+        assert t_call[3] > s_call[3]  # the teacher's context carries the image tokens
+    # on-policy: each state is the student's own Euler step from the previous one, not a noised target
+    assert torch.equal(out.states[0], noise(model))
+    assert not torch.equal(out.states[1], out.states[0])
+
+
+def test_teacher_kinds_use_the_named_weights(model):
+    perturb_student(model)
+    transformer = model.pipeline.transformer
+    student = model.encode_student(PROMPTS)
+    # live teacher == student with the same context: nothing to learn
+    assert dopsd_loss(model, student, student, noise(model), SIGMAS, teacher="live").loss.item() == 0.0
+    # ema teacher still at the base (B = 0), so it matches the base teacher exactly
+    ema = dopsd_loss(model, student, student, noise(model), SIGMAS, teacher="ema").loss.item()
+    base = dopsd_loss(model, student, student, noise(model), SIGMAS, teacher="base").loss.item()
+    assert ema == pytest.approx(base) and ema > 0
+    # after an EMA update with decay 0 the teacher equals the student
+    adapters.ema_update(adapters.adapter_pairs(transformer), 0.0)
+    assert dopsd_loss(model, student, student, noise(model), SIGMAS, teacher="ema").loss.item() == 0.0
+
+
+def test_per_step_backward_gives_the_summed_gradient(model):
+    perturb_student(model)
+    transformer = model.pipeline.transformer
+    student = model.encode_student(PROMPTS)
+    teacher = model.encode_teacher(PROMPTS, images(2))
+    params = [p for _, p in adapters.adapter_pairs(transformer)]
+    dopsd_loss(model, student, teacher, noise(model), SIGMAS).loss.backward()
+    summed = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    calls = []
+    out = dopsd_loss(
+        model,
+        student,
+        teacher,
+        noise(model),
+        SIGMAS,
+        backward=lambda loss, last: (calls.append(last), loss.backward()),
+    )
+    assert calls == [False, False, False, True]
+    assert not out.loss.requires_grad
+    for a, p in zip(summed, params, strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)
+
+
+def test_velocity_target_and_grad_steps(model):
+    perturb_student(model)
+    student = model.encode_student(PROMPTS)
+    teacher = model.encode_teacher(PROMPTS, images(2))
+    x0 = dopsd_loss(model, student, teacher, noise(model), SIGMAS, target="x0")
+    vel = dopsd_loss(model, student, teacher, noise(model), SIGMAS, target="velocity")
+    # x0 distance = sigma^2 * velocity distance per step, so the two targets weigh the steps differently
+    ratios = [a / b for a, b in zip(x0.step_losses, vel.step_losses, strict=True)]
+    assert ratios == pytest.approx([s**2 for s in SIGMAS[:-1].tolist()], rel=1e-4)
+    sub = dopsd_loss(
+        model,
+        student,
+        teacher,
+        noise(model),
+        SIGMAS,
+        grad_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(sub.step_losses) == 2 and len(sub.states) == 4
+    assert rollout_steps_to_train(4, 0, None) == [0, 1, 2, 3]
+
+
+def test_sft_loss_is_flow_matching(model):
+    ctx = model.encode_student(PROMPTS)
+    latents = model.to_latents(images(2), 32, 32)
+    n = noise(model)
+    sigma = torch.tensor([0.3, 0.7])
+    loss = sft_loss(model, ctx, latents, n, sigma)
+    s = sigma.view(-1, 1, 1, 1)
+    with adapters.use_adapter(model.pipeline.transformer, "student"):
+        v = model.velocity((1 - s) * latents + s * n, sigma, ctx)
+    assert loss.item() == pytest.approx(((v - (n - latents)) ** 2).mean().item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for _, p in adapters.adapter_pairs(model.pipeline.transformer))
