@@ -7,6 +7,7 @@ student between its forward and its backward).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,10 @@ def add_student_teacher(transformer, rank: int, alpha: float, targets: Sequence[
     check_targets(transformer, targets)
     config = lora_config(rank, alpha, targets)
     transformer.add_adapter(config, adapter_name=STUDENT)
-    transformer.add_adapter(config, adapter_name=TEACHER)
+    with warnings.catch_warnings():
+        # A second adapter on one model is the design here, not the accident PEFT warns about.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        transformer.add_adapter(config, adapter_name=TEACHER)
     set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name=STUDENT), TEACHER)
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{STUDENT}." in name)

@@ -115,3 +115,7 @@ def demo(
 
     for line in run_demo(workdir, steps):
         typer.echo(line)
+
+
+if __name__ == "__main__":
+    app()

@@ -54,7 +54,7 @@ class SampleCache:
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> SampleCache:
-        flat = load_file(str(path), device=str(device))
+        flat = {k: v.to(device) for k, v in load_file(str(path)).items()}
         n = flat["latents"].shape[0]
         contexts: dict[str, list[Context]] = {
             "student": [{} for _ in range(n)],

@@ -1,0 +1,87 @@
+"""Student/teacher adapters: EMA, switching, files that the real pipelines load."""
+
+import pytest
+import torch
+
+from dopsd import adapters
+from dopsd.models import ZImageModel, load_model
+from dopsd.preview import parse_seeds, pipeline_images
+
+
+@pytest.fixture
+def model(tiny_zimage_path):
+    torch.manual_seed(0)
+    m = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    adapters.add_student_teacher(m.pipeline.transformer, 4, 8.0, m.default_lora_targets)
+    return m
+
+
+def test_adapters_start_equal_and_only_student_trains(model):
+    transformer = model.pipeline.transformer
+    pairs = adapters.adapter_pairs(transformer)
+    assert pairs and all(torch.equal(t, s) for t, s in pairs)
+    assert all(s.requires_grad and not t.requires_grad for t, s in pairs)
+    assert all(not p.requires_grad for n, p in transformer.named_parameters() if "lora" not in n)
+    assert adapters.active_adapter(transformer) == adapters.STUDENT
+
+
+def test_ema_update_matches_the_formula(model):
+    pairs = adapters.adapter_pairs(model.pipeline.transformer)
+    with torch.no_grad():
+        for t, s in pairs:
+            t.normal_()
+            s.normal_()
+    before = [(t.clone(), s.clone()) for t, s in pairs]
+    adapters.ema_update(pairs, 0.9)
+    for (t, s), (t0, s0) in zip(pairs, before, strict=True):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s0)
+        assert torch.equal(s, s0)
+
+
+def test_use_adapter_switches_and_restores_without_touching_grads(model):
+    transformer = model.pipeline.transformer
+    with torch.no_grad():
+        for _, s in adapters.adapter_pairs(transformer):
+            s.normal_()
+    ctx = model.encode_student(["a red circle"])
+    x, sigma = torch.randn(1, *model.latent_shape(32, 32)), torch.tensor([0.5])
+    outs = {}
+    for name in (adapters.STUDENT, adapters.TEACHER, None):
+        with adapters.use_adapter(transformer, name), torch.no_grad():
+            outs[name] = model.velocity(x, sigma, ctx)
+    assert adapters.active_adapter(transformer) == adapters.STUDENT
+    assert torch.equal(outs[adapters.TEACHER], outs[None])  # teacher still at the base
+    assert not torch.allclose(outs[adapters.STUDENT], outs[None])
+    assert all(s.requires_grad and not t.requires_grad for t, s in adapters.adapter_pairs(transformer))
+
+
+def test_saved_adapter_reproduces_samples_in_the_real_pipeline(model, tiny_zimage_path, tmp_path):
+    transformer = model.pipeline.transformer
+    with torch.no_grad():
+        for _, s in adapters.adapter_pairs(transformer):
+            s.normal_(0, 0.3)
+    adapters.save_adapter(model, adapters.STUDENT, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    kwargs = {**model.pipeline_kwargs(), "output_type": "np"}
+    with adapters.use_adapter(transformer, adapters.STUDENT):
+        trained = pipeline_images(model.pipeline, ["a red circle"], [0, 1], 4, 32, kwargs)
+    fresh = load_model(tiny_zimage_path, with_teacher_encoder=False)
+    base = pipeline_images(fresh.pipeline, ["a red circle"], [0, 1], 4, 32, kwargs)
+    fresh.pipeline.load_lora_weights(str(tmp_path / "adapter"))
+    loaded = pipeline_images(fresh.pipeline, ["a red circle"], [0, 1], 4, 32, kwargs)
+    for a, b, c in zip(trained, loaded, base, strict=True):
+        assert abs(a - b).max() < 1e-5
+        assert abs(a - c).max() > 1e-3  # the adapter changes the samples
+
+
+def test_lora_target_matching_nothing_is_refused(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    with pytest.raises(ValueError, match=r"\['qkv_typo'\] match no linear layer.*to_q"):
+        adapters.add_student_teacher(model.pipeline.transformer, 4, 8.0, ["to_q", "qkv_typo"])
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("5,1,2-3") == [5, 1, 2, 3]
+    with pytest.raises(ValueError, match="expected e.g. 0-7"):
+        parse_seeds("a-b")

@@ -1,0 +1,208 @@
+"""The training round: bad input stops early, resume is exact, divergence keeps the last checkpoint, and the real
+program runs (CLI, accelerate with two processes)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dopsd.config import TrainConfig, make_config
+from dopsd.data import DatasetError, read_dataset
+from dopsd.train import TrainingDiverged, checkpoint_dirs, train
+
+BIN = Path(sys.executable).parent
+
+
+def tiny_config(model, data, output, **overrides):
+    return make_config("tiny", model=model, data=str(data), output=str(output), **overrides)
+
+
+def test_data_problems_are_named_before_training(tmp_path, tiny_zimage_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="holds no images"):
+        train(tiny_config(tiny_zimage_path, empty, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing started
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    (bad / "broken.txt").write_text("a caption")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(bad / "uncaptioned.png")
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32)).save(outside)
+    (bad / "link.png").symlink_to(outside)
+    with pytest.raises(DatasetError) as error:
+        read_dataset(bad)
+    message = str(error.value)
+    assert "3 problem(s)" in message
+    assert "broken.png: unreadable image" in message
+    assert "uncaptioned.png: no caption; write one in uncaptioned.txt" in message
+    assert "link.png: links outside the data folder" in message
+
+
+def test_resume_matches_an_uninterrupted_round(tmp_path, tiny_zimage_path, dataset):
+    straight = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "a", steps=6, checkpoint_every=3))
+    half = tmp_path / "b"
+    train(tiny_config(tiny_zimage_path, dataset, half, steps=3, checkpoint_every=3))
+    assert [p.name for p in checkpoint_dirs(half)] == ["step-000003"]
+    resumed = train(tiny_config(tiny_zimage_path, dataset, half, steps=6, checkpoint_every=3))
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did learn something
+
+
+def test_sft_round_and_grad_steps_run(tmp_path, tiny_zimage_path, dataset):
+    metrics = []
+    adapter = train(
+        tiny_config(tiny_zimage_path, dataset, tmp_path / "sft", method="sft", steps=4, log_every=1),
+        on_metrics=lambda step, m: metrics.append((step, m)),
+    )
+    assert [s for s, _ in metrics] == [1, 2, 3, 4] and all(m["loss"] > 0 for _, m in metrics)
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
+    train(tiny_config(tiny_zimage_path, dataset, tmp_path / "sub", steps=2, grad_steps=2, backward_per_step=False))
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_zimage_path, dataset):
+    config = tiny_config(
+        tiny_zimage_path, dataset, tmp_path / "nan", steps=10, lr=1e30, grad_clip=0.0, checkpoint_every=1, method="sft"
+    )
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*Last good checkpoint: .*step-0000"):
+        train(config)
+    kept = checkpoint_dirs(tmp_path / "nan")
+    assert kept and not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="config field 'method': bad value 'ppo'"):
+        make_config(method="ppo")
+    with pytest.raises(ValueError, match="preset 'nope' not found"):
+        make_config("nope")
+    assert TrainConfig().sigmas_list() == [1.0, 0.9, 0.75, 0.5, 0.0]
+
+
+def run(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+
+
+def test_cli_help_lists_every_config_field():
+    result = run([str(BIN / "dopsd"), "train", "--help"], cwd=None)
+    assert result.returncode == 0
+    flat = " ".join(result.stdout.split())
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in flat, name
+    assert "Teacher EMA decay" in flat
+
+
+def test_cli_train_then_sample(tmp_path, tiny_zimage_path, dataset):
+    out = tmp_path / "round"
+    result = run(
+        [
+            str(BIN / "dopsd"),
+            "train",
+            "--preset",
+            "tiny",
+            "--model",
+            tiny_zimage_path,
+            "--data",
+            str(dataset),
+            "--output",
+            str(out),
+            "--steps",
+            "3",
+            "--teacher",
+            "base",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"step": 3' in result.stdout
+    grid = tmp_path / "grid.png"
+    result = run(
+        [
+            str(BIN / "dopsd"),
+            "sample",
+            "--model",
+            tiny_zimage_path,
+            "--adapter",
+            str(out / "adapter"),
+            "--prompt",
+            "a blue box",
+            "--prompt",
+            "a red box",
+            "--seeds",
+            "0-2",
+            "--resolution",
+            "32",
+            "--out",
+            str(grid),
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    from PIL import Image
+
+    assert Image.open(grid).size == (3 * 32, 2 * 32)
+    bad = run(
+        [
+            str(BIN / "dopsd"),
+            "train",
+            "--preset",
+            "tiny",
+            "--model",
+            tiny_zimage_path,
+            "--data",
+            str(dataset),
+            "--output",
+            str(tmp_path / "r2"),
+            "--resolution",
+            "30",
+        ]
+    )
+    assert bad.returncode != 0 and "resolution 30x30 is not supported" in bad.stderr
+
+
+def test_accelerate_launch_two_processes(tmp_path, tiny_zimage_path, dataset):
+    out = tmp_path / "ddp"
+    result = run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "dopsd.cli",
+            "train",
+            "--preset",
+            "tiny",
+            "--model",
+            tiny_zimage_path,
+            "--data",
+            str(dataset),
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--checkpoint-every",
+            "2",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = checkpoint_dirs(out)[-1]
+    assert (final / "rng-0.pt").is_file() and (final / "rng-1.pt").is_file()
+    assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
