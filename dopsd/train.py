@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -149,6 +150,9 @@ def rollout_sigmas(model: FewStepModel, config: TrainConfig) -> torch.Tensor:
 
 def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Path:
     """Run (or resume) a round; returns the folder of the final student adapter (diffusers LoRA format)."""
+    # A process may run several rounds (flows, tests): each gets its own precision setting, while the
+    # distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
     device = accelerator.device

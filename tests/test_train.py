@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, read_dataset
+from dopsd.preview import pipeline_images
 from dopsd.train import TrainingDiverged, checkpoint_dirs, train
 
 BIN = Path(sys.executable).parent
@@ -206,3 +207,34 @@ def test_accelerate_launch_two_processes(tmp_path, tiny_zimage_path, dataset):
     final = checkpoint_dirs(out)[-1]
     assert (final / "rng-0.pt").is_file() and (final / "rng-1.pt").is_file()
     assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_klein_round_writes_an_adapter_its_pipeline_loads(tmp_path, tiny_klein_path, dataset):
+    from diffusers import Flux2KleinPipeline
+
+    adapter = train(
+        tiny_config(tiny_klein_path, dataset, tmp_path / "klein", steps=2, text_encoder_layers="1,2,3", family="auto")
+    )
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_path)
+    kwargs = {"output_type": "np", "text_encoder_out_layers": (1, 2, 3)}
+    before = pipeline_images(pipe, ["a blue box"], [0], 4, 32, kwargs)[0]
+    pipe.load_lora_weights(str(adapter))
+    after = pipeline_images(pipe, ["a blue box"], [0], 4, 32, kwargs)[0]
+    assert abs(after - before).max() > 1e-4
+
+
+def test_bf16_autocast_and_gradient_checkpointing(tmp_path, tiny_zimage_path, dataset):
+    metrics = []
+    train(
+        tiny_config(
+            tiny_zimage_path,
+            dataset,
+            tmp_path / "bf16",
+            steps=2,
+            log_every=1,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+        ),
+        on_metrics=lambda step, m: metrics.append(m["loss"]),
+    )
+    assert len(metrics) == 2 and all(0 < loss < 10 for loss in metrics)

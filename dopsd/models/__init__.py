@@ -48,6 +48,8 @@ def load_model(
     """Load a family's model; `with_teacher_encoder=False` skips Z-Image's Qwen3-VL (sampling needs none)."""
     if family == "auto":
         family = detect_family(path_or_id)
+    elif Path(path_or_id).exists() and detect_family(path_or_id) != family:
+        raise ValueError(f"{path_or_id} holds a {detect_family(path_or_id)} pipeline, not {family}; use --family auto")
     if family == "zimage":
         return ZImageModel.load(
             path_or_id,
