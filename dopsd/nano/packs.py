@@ -1,0 +1,145 @@
+"""Concept packs: new words arriving as data, each a landing folder of at most 64 captioned images.
+
+A pack names something the base model has drawn (in image contexts) but never had a word for: a new shape
+("star"), a new colour ("teal") or a new texture ("striped"). Its held-out prompts use the evaluation phrasing and
+are disjoint from its training captions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dopsd.nano.scenes import NUMBER_WORDS, RELATIONS, Item, article, plural, relation_holds, write_jsonl
+from dopsd.nano.world import GENEVAL_COLOURS, Scene, Vocabulary, place_objects, render
+
+BASE_SHAPES = Vocabulary().named_shapes
+
+
+@dataclass(frozen=True)
+class ConceptPack:
+    name: str
+    kind: str
+    """Which attribute the new word names: shape, colour or texture."""
+    word: str
+
+
+PACKS = (
+    ConceptPack("star", "shape", "star"),
+    ConceptPack("teal", "colour", "teal"),
+    ConceptPack("striped", "texture", "striped"),
+)
+
+
+def _concept_spec(pack: ConceptPack, rng: np.random.Generator, colour: str | None = None) -> dict:
+    shape = pack.word if pack.kind == "shape" else str(rng.choice(BASE_SHAPES))
+    if pack.kind == "colour":
+        colour = pack.word
+    return {
+        "shape": shape,
+        "colour": colour or str(rng.choice(GENEVAL_COLOURS)),
+        "texture": pack.word if pack.kind == "texture" else "plain",
+        "size": str(rng.choice(["small", "large"])),
+    }
+
+
+def _concept_noun(pack: ConceptPack, spec: dict, with_colour: bool) -> str:
+    words = [spec["colour"]] if with_colour or pack.kind == "colour" else []
+    if pack.kind == "texture":
+        words.append(pack.word)
+    return " ".join([*words, spec["shape"]])
+
+
+def _clause(pack: ConceptPack, spec: dict, count: int, with_colour: bool) -> dict:
+    clause: dict = {"class": spec["shape"], "count": count}
+    if with_colour or pack.kind == "colour":
+        clause["color"] = spec["colour"]
+    if pack.kind == "texture":
+        clause["texture"] = pack.word
+    return clause
+
+
+def concept_item(pack: ConceptPack, rng: np.random.Generator, lead: str, size: int = 64) -> Item:
+    """One scene showing the concept, with a caption naming it, from one of four templates."""
+    template = int(rng.integers(4))
+    with_colour = bool(rng.random() < 0.5)
+    spec = _concept_spec(pack, rng)
+    noun = _concept_noun(pack, spec, with_colour)
+    for _ in range(200):
+        exclude: list[dict] = []
+        if template == 0:
+            objects = place_objects(rng, [spec], size)
+            caption, include, tag = (
+                f"{lead}{article(noun)} {noun}",
+                [_clause(pack, spec, 1, with_colour)],
+                "single_object",
+            )
+        elif template == 1:
+            n = int(rng.integers(2, 4))
+            objects = place_objects(rng, [spec] * n, size)
+            words = noun.split()
+            caption = f"{lead}{NUMBER_WORDS[n]} {' '.join(words[:-1] + [plural(words[-1])])}"
+            include, tag = [_clause(pack, spec, n, with_colour)], "counting"
+            exclude = [{"class": spec["shape"], "count": n + 1}]
+        else:
+            other = str(rng.choice([s for s in BASE_SHAPES if s != spec["shape"]]))
+            other_spec = {
+                "shape": other,
+                "colour": str(rng.choice(GENEVAL_COLOURS)),
+                "texture": "plain",
+                "size": "large",
+            }
+            objects = place_objects(rng, [other_spec, spec], size)
+            other_clause = {"class": other, "count": 1}
+            if template == 2:
+                caption = f"{lead}{article(noun)} {noun} and {article(other)} {other}"
+                include, tag = [_clause(pack, spec, 1, with_colour), other_clause], "two_object"
+            else:
+                relation = str(rng.choice(RELATIONS))
+                if objects is None or not relation_holds(objects[1], objects[0], relation):
+                    continue
+                caption = f"{lead}{article(noun)} {noun} {relation} {article(other)} {other}"
+                include = [other_clause, {**_clause(pack, spec, 1, with_colour), "position": [relation, 0]}]
+                tag = "position"
+        if objects is not None:
+            metadata = {"tag": tag, "include": include, "prompt": caption, "concept": pack.name}
+            if exclude:
+                metadata["exclude"] = exclude
+            return Item(Scene(tuple(objects), size=size), caption, metadata)
+    raise RuntimeError(f"could not lay out a scene for pack {pack.name}")
+
+
+def write_pack(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 0) -> Path:
+    """The pack as a landing folder (images + same-name .txt captions) with its metadata beside it."""
+    if count > 64:
+        raise ValueError(f"a concept pack holds at most 64 images, asked for {count}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count):
+        item = concept_item(pack, rng, lead=str(rng.choice(["an image of ", "a picture of ", ""])))
+        render(item.scene).save(folder / f"{pack.name}_{i:03d}.png")
+        (folder / f"{pack.name}_{i:03d}.txt").write_text(item.caption + "\n")
+        records.append(item.metadata)
+    return folder
+
+
+def pack_prompts(pack: ConceptPack, count: int = 24, seed: int = 1000) -> list[dict]:
+    """Held-out evaluation prompts for the pack, in the GenEval phrasing ("a photo of ...")."""
+    rng = np.random.default_rng(seed)
+    records, seen = [], set()
+    for _ in range(count * 100):
+        item = concept_item(pack, rng, lead="a photo of ")
+        if item.caption not in seen:
+            seen.add(item.caption)
+            records.append(item.metadata)
+            if len(records) == count:
+                break
+    return records
+
+
+def write_pack_prompts(pack: ConceptPack, path: str | Path, count: int = 24) -> Path:
+    return write_jsonl(pack_prompts(pack, count), path)

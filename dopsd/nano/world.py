@@ -1,0 +1,216 @@
+"""The nano world: plain-background images of 1-4 flat objects, rendered deterministically from a scene.
+
+An object has a shape, a colour, a texture, a size and a position. The visual space is deliberately richer than
+the words the base model is taught: some shapes, colours and textures are drawn in pretraining but never named
+in a caption, so that an image context (the teacher's) can carry concepts the text cannot. Concept packs later
+give those a word.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4
+BACKGROUND = (128, 128, 128)
+
+# GenEval's ten colours plus unnamed ones: every colour is drawn, only GENEVAL_COLOURS are words in base captions.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 225, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 220),
+    "purple": (135, 45, 185),
+    "pink": (250, 140, 200),
+    "brown": (125, 75, 35),
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+    "teal": (0, 170, 170),
+    "lime": (170, 235, 60),
+    "navy": (20, 30, 100),
+    "maroon": (110, 10, 40),
+}
+GENEVAL_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "hexagon", "star", "heart", "ring", "arrow")
+TEXTURES = ("plain", "striped", "dotted", "checkered")
+SIZES = {"small": (6.0, 8.0), "large": (10.0, 13.0)}
+"""Object radius range in pixels at IMAGE_SIZE, per size word."""
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    shape: str
+    colour: str
+    texture: str = "plain"
+    size: str = "large"
+    radius: float = 11.0
+    """Half the object's extent in pixels."""
+    x: float = 32.0
+    """Centre, pixels from the left."""
+    y: float = 32.0
+    """Centre, pixels from the top."""
+    angle: float = 0.0
+    """Rotation in degrees (shapes with a symmetry look the same at many angles)."""
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.x - self.radius, self.y - self.radius, self.x + self.radius, self.y + self.radius)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[WorldObject, ...]
+    background: tuple[int, int, int] = BACKGROUND
+    size: int = IMAGE_SIZE
+    tags: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def _polygon(shape: str, radius: float) -> list[tuple[float, float]]:
+    """Unit outline of a polygonal shape, scaled to `radius`, centred at the origin (y down)."""
+
+    def ring(n: int, r: float, phase: float = -90.0) -> list[tuple[float, float]]:
+        return [
+            (r * math.cos(math.radians(phase + 360 * i / n)), r * math.sin(math.radians(phase + 360 * i / n)))
+            for i in range(n)
+        ]
+
+    r = radius
+    if shape == "square":
+        s = r * 0.85
+        return [(-s, -s), (s, -s), (s, s), (-s, s)]
+    if shape == "triangle":
+        return [(0, -r), (r * 0.95, r * 0.75), (-r * 0.95, r * 0.75)]
+    if shape == "diamond":
+        return [(0, -r), (r * 0.7, 0), (0, r), (-r * 0.7, 0)]
+    if shape == "hexagon":
+        return ring(6, r, 0)
+    if shape == "star":
+        outer, inner = ring(5, r), ring(5, r * 0.42, -54)
+        return [p for pair in zip(outer, inner, strict=True) for p in pair]
+    if shape == "cross":
+        a, b = r * 0.33, r
+        return [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
+    if shape == "arrow":
+        return [
+            (-r, -r * 0.3),
+            (r * 0.1, -r * 0.3),
+            (r * 0.1, -r * 0.8),
+            (r, 0),
+            (r * 0.1, r * 0.8),
+            (r * 0.1, r * 0.3),
+            (-r, r * 0.3),
+        ]
+    if shape == "heart":
+        points = []
+        for i in range(48):
+            t = 2 * math.pi * i / 48
+            hx = 16 * math.sin(t) ** 3
+            hy = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+            points.append((hx * r / 17, (hy + 2.5) * r / 17))
+        return points
+    raise ValueError(f"{shape} is not a polygon")
+
+
+def _rotate(points, degrees: float, cx: float, cy: float, scale: float):
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return [((x * c - y * s + cx) * scale, (x * s + y * c + cy) * scale) for x, y in points]
+
+
+def _texture_fill(mask: Image.Image, texture: str, colour, background, scale: int) -> Image.Image:
+    """The object's paint: its colour, patterned with a darker or lighter shade for textured objects."""
+    w, h = mask.size
+    base = np.array(colour, dtype=np.float32)
+    shade = base * 0.45 if base.mean() > 90 else base + (255 - base) * 0.55
+    yy, xx = np.mgrid[0:h, 0:w] / scale
+    if texture == "striped":
+        pattern = (np.floor((xx + yy) / 3.0) % 2) == 1
+    elif texture == "dotted":
+        pattern = ((xx % 5 - 2.5) ** 2 + (yy % 5 - 2.5) ** 2) < 1.6**2
+    elif texture == "checkered":
+        pattern = ((np.floor(xx / 3) + np.floor(yy / 3)) % 2) == 1
+    else:
+        pattern = np.zeros((h, w), dtype=bool)
+    paint = np.where(pattern[..., None], shade, base).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(paint)
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene (supersampled, then downsampled: smooth edges, identical output for identical scenes)."""
+    k = SUPERSAMPLE
+    canvas = Image.new("RGB", (scene.size * k, scene.size * k), scene.background)
+    for obj in scene.objects:
+        mask = Image.new("L", canvas.size, 0)
+        draw = ImageDraw.Draw(mask)
+        if obj.shape in ("circle", "ring"):
+            x0, y0, x1, y1 = (v * k for v in obj.box)
+            draw.ellipse((x0, y0, x1, y1), fill=255)
+            if obj.shape == "ring":
+                inset = obj.radius * 0.45 * k
+                draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=0)
+        else:
+            draw.polygon(_rotate(_polygon(obj.shape, obj.radius), obj.angle, obj.x, obj.y, k), fill=255)
+        paint = _texture_fill(mask, obj.texture, COLOURS[obj.colour], scene.background, k)
+        canvas.paste(paint, (0, 0), mask)
+    return canvas.resize((scene.size, scene.size), Image.Resampling.LANCZOS)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a world draws, and which of it captions may name."""
+
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = tuple(COLOURS)
+    textures: tuple[str, ...] = TEXTURES
+    named_shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "hexagon")
+    named_colours: tuple[str, ...] = GENEVAL_COLOURS
+    named_textures: tuple[str, ...] = ("plain",)
+
+
+def place_objects(
+    rng: np.random.Generator, specs: list[dict], size: int = IMAGE_SIZE, tries: int = 200
+) -> tuple[WorldObject, ...] | None:
+    """Random non-overlapping placement of objects given as attribute dicts (None if they do not fit)."""
+    placed: list[WorldObject] = []
+    for spec in specs:
+        low, high = SIZES[spec.get("size", "large")]
+        for _ in range(tries):
+            radius = float(rng.uniform(low, high))
+            x = float(rng.uniform(radius + 1, size - radius - 1))
+            y = float(rng.uniform(radius + 1, size - radius - 1))
+            if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 2 for o in placed):
+                angle = float(rng.uniform(-20, 20)) if spec["shape"] not in ("circle", "ring") else 0.0
+                placed.append(WorldObject(radius=radius, x=x, y=y, angle=angle, **spec))
+                break
+        else:
+            return None
+    return tuple(placed)
+
+
+def relayout(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same content (shapes, colours, textures, sizes, count) at new positions: a reference that shows what
+    to draw without fixing where, so a model conditioned on it must still follow its own noise."""
+    specs = [{"shape": o.shape, "colour": o.colour, "texture": o.texture, "size": o.size} for o in scene.objects]
+    for _ in range(20):
+        objects = place_objects(rng, specs, scene.size)
+        if objects:
+            return replace(scene, objects=objects)
+    return scene
