@@ -321,6 +321,11 @@ def report(args: argparse.Namespace, header: dict[str, str], results: list[Resul
                 f"- {r.variant} / SFT step: time {r.median_ms / sft.median_ms:.2f}x, "
                 f"peak memory {r.peak_bytes / max(sft.peak_bytes, 1):.2f}x, FLOPs {r.flops / sft.flops:.2f}x"
             )
+    if args.config == "full":
+        dopsd = next(r for r in results if r.variant == "D-OPSD step (K=4)")
+        time_ok = "n/a with checkpointing" if args.gradient_checkpointing else dopsd.median_ms <= 1500
+        memory_ok = dopsd.peak_bytes <= 1.05 * sft.peak_bytes
+        lines.append(f"- targets: D-OPSD step <= 1.5 s: {time_ok}; D-OPSD peak memory <= 1.05x SFT: {memory_ok}")
     return "\n".join(lines)
 
 
@@ -458,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         "timing": f"{args.warmup} warm-up, median of {args.repeats}; FLOPs from one untimed run (FlopCounterMode)",
     }
     memory_note = (
-        "torch.cuda.max_memory_allocated over one untimed run (absolute, weights included)"
+        "torch.cuda.max_memory_allocated over one untimed run (absolute, weights included; 1 GB = 1e9 bytes)"
         if device.type == "cuda"
         else f"increase of the process RSS during one untimed run over its value before it ({RssSampler.method}; "
         "weights and optimizer state are in the baseline)"

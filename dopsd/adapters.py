@@ -50,6 +50,10 @@ def add_student_teacher(transformer, rank: int, alpha: float, targets: Sequence[
     set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name=STUDENT), TEACHER)
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{STUDENT}." in name)
+        if f".{STUDENT}." in name or f".{TEACHER}." in name:
+            # Adapters stay float32 on a bf16 base: optimizer steps and EMA updates below bf16's resolution
+            # would otherwise be lost (the EMA teacher would never move).
+            param.data = param.data.float()
     set_active_adapter(transformer, STUDENT)
 
 

@@ -75,24 +75,26 @@ def dopsd_loss(
     x = noise.float()
     states: list[torch.Tensor] = []
     terms: list[torch.Tensor] = []
-    step_losses: list[float] = []
     for k in range(num_steps):
         state = x.detach()
         states.append(state)
         sigma = torch.full((state.shape[0],), float(sigmas[k]), device=state.device)
         train_here = k in trained
-        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here):
-            v_student = model.velocity(state, sigma, student_contexts)
         if train_here:
+            # Teacher first: its forward then never coexists with the student's stored activations.
             with use_adapter(transformer, teacher_adapter), torch.no_grad():
                 v_teacher = model.velocity(state, sigma, teacher_contexts)
-            term = prediction_distance(v_student, v_teacher, state, sigma, target) / len(trained)
-            step_losses.append(float(term.detach()) * len(trained))
-            if backward is not None:
-                backward(term, k == trained[-1])
-                term = term.detach()
-            terms.append(term)
+        # The backward runs under the student adapter too: gradient checkpointing recomputes with it.
+        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here):
+            v_student = model.velocity(state, sigma, student_contexts)
+            if train_here:
+                term = prediction_distance(v_student, v_teacher, state, sigma, target) / len(trained)
+                if backward is not None:
+                    backward(term, k == trained[-1])
+                    term = term.detach()
+                terms.append(term)
         x = state + (float(sigmas[k + 1]) - float(sigmas[k])) * v_student.detach()
+    step_losses = (torch.stack([t.detach() for t in terms]) * len(trained)).tolist()  # one device sync
     return DopsdOutput(loss=torch.stack(terms).sum(), step_losses=step_losses, states=states)
 
 

@@ -85,3 +85,20 @@ def test_parse_seeds():
     assert parse_seeds("5,1,2-3") == [5, 1, 2, 3]
     with pytest.raises(ValueError, match="expected e.g. 0-7"):
         parse_seeds("a-b")
+
+
+def test_adapters_stay_float32_on_a_bf16_base_so_the_ema_moves(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False, dtype=torch.bfloat16)
+    adapters.add_student_teacher(model.pipeline.transformer, 4, 8.0, model.default_lora_targets)
+    pairs = adapters.adapter_pairs(model.pipeline.transformer)
+    assert all(t.dtype == s.dtype == torch.float32 for t, s in pairs)
+    with torch.no_grad():
+        for t, s in pairs:
+            t.fill_(0.5)
+            s.fill_(0.505)
+    for _ in range(100):
+        adapters.ema_update(pairs, 0.99)
+    assert all(0.5 < float(t.flatten()[0]) < 0.505 for t, _ in pairs)
+    x = torch.randn(1, *model.latent_shape(32, 32))
+    out = model.velocity(x, torch.tensor([0.37]), model.encode_student(["a red circle"]))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -116,3 +116,15 @@ def test_bad_model_paths_and_resolutions(tmp_path, tiny_zimage_path):
         model.check_resolution(30, 32)
     with pytest.raises(ValueError, match="no such folder"):
         load_model(str(tmp_path / "missing"))
+
+
+def test_teacher_batch_matches_single_samples_and_fits_large_images(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path)
+    prompts = ["a red circle", "two blue squares left of a big yellow triangle"]
+    batch = model.encode_teacher(prompts, [random_image(0), random_image(1, size=48)])
+    for i, prompt in enumerate(prompts):
+        single = model.encode_teacher([prompt], [random_image(i, size=32 if i == 0 else 48)])[0]["cap_feats"]
+        torch.testing.assert_close(batch[i]["cap_feats"], single, rtol=1e-4, atol=1e-5)
+    model.max_teacher_tokens = 40
+    big = model.encode_teacher(["a red circle"], [random_image(2, size=256)])[0]["cap_feats"]
+    assert big.shape[0] <= 40  # the processor downscaled the image into the token budget

@@ -79,9 +79,9 @@ def test_teacher_sees_the_students_own_states(model, monkeypatch):
     student = model.encode_student(PROMPTS)
     teacher = model.encode_teacher(PROMPTS, images(2))
     out = dopsd_loss(model, student, teacher, noise(model), SIGMAS)
-    assert [c[0] for c in calls] == ["student", "teacher"] * 4
+    assert [c[0] for c in calls] == ["teacher", "student"] * 4
     for k in range(4):
-        s_call, t_call = calls[2 * k], calls[2 * k + 1]
+        t_call, s_call = calls[2 * k], calls[2 * k + 1]
         assert torch.equal(s_call[1], t_call[1]) and torch.equal(s_call[1], out.states[k])
         assert s_call[2] == t_call[2] == pytest.approx(float(SIGMAS[k]))
         assert t_call[3] > s_call[3]  # the teacher's context carries the image tokens

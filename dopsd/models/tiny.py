@@ -58,6 +58,12 @@ class TinyConfig:
     """BPE vocabulary size of the locally trained tokenizer."""
     vision_patch: int = 8
     """Qwen3-VL vision patch size (pixels)."""
+    vision_hidden: int = 32
+    """Qwen3-VL vision tower width."""
+    vision_layers: int = 1
+    """Qwen3-VL vision tower depth."""
+    refiner_layers: int = 1
+    """Z-Image noise and context refiner blocks."""
 
 
 def _qwen3_config(cfg: TinyConfig, vocab: int) -> Qwen3Config:
@@ -99,16 +105,16 @@ def build_teacher_encoder(text_encoder: Qwen3Model, tokenizer, cfg: TinyConfig) 
             },
         },
         vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "depth": cfg.vision_layers,
+            "hidden_size": cfg.vision_hidden,
+            "intermediate_size": cfg.vision_hidden * 2,
             "num_heads": 2,
             "patch_size": cfg.vision_patch,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "out_hidden_size": tc.hidden_size,
             "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
+            "deepstack_visual_indexes": [cfg.vision_layers - 1],
         },
         image_token_id=tokenizer.image_token_id,
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -167,7 +173,7 @@ def build_tiny_zimage(
         in_channels=cfg.latent_channels,
         dim=cfg.dim,
         n_layers=cfg.layers,
-        n_refiner_layers=1,
+        n_refiner_layers=cfg.refiner_layers,
         n_heads=cfg.heads,
         n_kv_heads=cfg.heads,
         cap_feat_dim=cfg.text_hidden,

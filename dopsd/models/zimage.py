@@ -83,48 +83,59 @@ class ZImageModel(FewStepModel):
         return [{"cap_feats": f.to(self.dtype)} for f in feats]
 
     def encode_teacher(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[Context]:
-        if self.teacher_encoder is None:
-            raise ValueError("this Z-Image model was loaded without a teacher encoder (Qwen3-VL); D-OPSD needs one")
-        return [self._encode_image_prompt(p, im) for p, im in zip(prompts, images, strict=True)]
-
-    def _encode_image_prompt(self, prompt: str, image: Image.Image) -> Context:
-        encoder, processor = self.teacher_encoder, self.teacher_processor
-        assert encoder is not None and processor is not None
-        tokenizer = self.pipeline.tokenizer
-        vision = processor(images=[image.convert("RGB")], return_tensors="pt")
-        grid = vision["image_grid_thw"]
-        merge = encoder.config.vision_config.spatial_merge_size
-        n_image_tokens = int(grid.prod()) // merge**2
-        # The chat turn is built from a string so any Qwen3 chat template serves; the image placeholder is then
-        # expanded to one pad token per merged vision patch, as the Qwen3-VL processor does.
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": IMAGE_PLACEHOLDER + prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-        text = text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens, 1)
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=self.max_teacher_tokens).input_ids
-        image_token_id = encoder.config.image_token_id
-        if int((ids == image_token_id).sum()) != n_image_tokens:
-            raise ValueError(
-                f"teacher prompt too long: the image needs {n_image_tokens} tokens within {self.max_teacher_tokens}"
-            )
-        ids = ids.to(self.device)
         with torch.no_grad():
-            out = encoder(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=vision["pixel_values"].to(self.device, encoder.dtype),
-                image_grid_thw=grid.to(self.device),
-                mm_token_type_ids=(ids == image_token_id).int(),
-                output_hidden_states=True,
+            features = self.teacher_features(self.teacher_inputs(prompts, images))
+        return [{"cap_feats": f.to(self.dtype)} for f in features]
+
+    def teacher_inputs(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Tokens and pixels of the chat turns [image, prompt], padded into one batch.
+
+        The turn is built from a string so any Qwen3 chat template serves; the image placeholder is expanded to
+        one pad token per merged vision patch, as the Qwen3-VL processor does. Images larger than the token
+        budget (max_teacher_tokens minus the text) are downscaled by the processor.
+        """
+        if self.teacher_encoder is None or self.teacher_processor is None:
+            raise ValueError("this Z-Image model was loaded without a teacher encoder (Qwen3-VL); D-OPSD needs one")
+        tokenizer, vision_config = self.pipeline.tokenizer, self.teacher_encoder.config.vision_config
+        pixels_per_token = (vision_config.patch_size * vision_config.spatial_merge_size) ** 2
+        texts, pixel_values, grids = [], [], []
+        for prompt, image in zip(prompts, images, strict=True):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": IMAGE_PLACEHOLDER + prompt}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=True,
             )
-        return {"cap_feats": out.hidden_states[-2][0].to(self.dtype)}
+            budget = self.max_teacher_tokens - len(tokenizer(text).input_ids) + 1
+            if budget < 4:
+                raise ValueError(f"prompt too long for the teacher's {self.max_teacher_tokens} tokens: {prompt[:60]!r}")
+            vision = self.teacher_processor(
+                images=[image.convert("RGB")], max_pixels=budget * pixels_per_token, return_tensors="pt"
+            )
+            n_image_tokens = int(vision["image_grid_thw"].prod()) // vision_config.spatial_merge_size**2
+            texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens, 1))
+            pixel_values.append(vision["pixel_values"])
+            grids.append(vision["image_grid_thw"])
+        tokens = tokenizer(texts, return_tensors="pt", padding=True)
+        ids = tokens.input_ids
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": tokens.attention_mask.to(self.device),
+            "pixel_values": torch.cat(pixel_values).to(self.device, self.teacher_encoder.dtype),
+            "image_grid_thw": torch.cat(grids).to(self.device),
+            "mm_token_type_ids": (ids == self.teacher_encoder.config.image_token_id).int().to(self.device),
+        }
+
+    def teacher_features(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Qwen3-VL hidden_states[-2] per sample, padding removed, image tokens kept (differentiable)."""
+        assert self.teacher_encoder is not None
+        hidden = self.teacher_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+        mask = inputs["attention_mask"].bool()
+        return [h[m] for h, m in zip(hidden, mask, strict=True)]
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, contexts: Sequence[Context]) -> torch.Tensor:
         x = list(latents.to(self.dtype).unsqueeze(2).unbind(0))
-        timestep = (1.0 - sigma).to(self.device, self.dtype)
+        timestep = (1.0 - sigma).to(self.device, torch.float32)  # as the pipeline passes it: bf16 would round t
         caps = [c["cap_feats"] for c in contexts]
         out = self.transformer(x, timestep, caps, return_dict=False)[0]
         return -torch.stack(out).squeeze(2).float()
