@@ -117,5 +117,37 @@ def demo(
         typer.echo(line)
 
 
+nano_app = typer.Typer(help="The nano world: the embedded few-step model and its data.", no_args_is_help=True)
+app.add_typer(nano_app, name="nano")
+
+
+@nano_app.command("bootstrap")
+def nano_bootstrap(
+    workdir: Annotated[Path, typer.Option(help="Checkpoints and the model being built.")] = Path("runs/nano-bootstrap"),
+    stage: Annotated[
+        list[str] | None, typer.Option(help="Stage(s) to run: vae, pretrain, distill (default all).")
+    ] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE steps.")] = None,
+    pretrain_steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
+    distill_steps: Annotated[int | None, typer.Option(help="Distillation steps.")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    export_to: Annotated[Path | None, typer.Option(help="Copy the finished model folder here.")] = None,
+) -> None:
+    """Build the nano model: VAE, pretraining, distillation to 4 steps. Resumes from the work folder's newest
+    checkpoints, so it can run in the background over several sittings."""
+    from dopsd.nano.bootstrap import STAGES, BootstrapConfig, bootstrap, export
+
+    steps = {"vae_steps": vae_steps, "pretrain_steps": pretrain_steps, "distill_steps": distill_steps}
+    config = BootstrapConfig(workdir=str(workdir), threads=threads, **{k: v for k, v in steps.items() if v is not None})
+    unknown = sorted(set(stage or ()) - set(STAGES))
+    if unknown:
+        raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    model_dir = bootstrap(config, tuple(stage) if stage else STAGES, log=typer.echo)
+    if export_to:
+        typer.echo(f"model exported to {export(config, export_to)}")
+    else:
+        typer.echo(f"model in {model_dir}")
+
+
 if __name__ == "__main__":
     app()

@@ -76,7 +76,8 @@ class SceneSampler:
         return {
             "shape": shape or self._pick(v.shapes),
             "colour": colour or self._pick(v.colours),
-            "texture": texture or self._pick(v.textures),
+            # Half the objects plain, the rest spread over the textures.
+            "texture": texture or ("plain" if self.rng.random() < 0.5 else self._pick(v.textures)),
             "size": self._pick(("small", "large")),
         }
 

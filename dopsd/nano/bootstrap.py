@@ -1,0 +1,340 @@
+"""Bootstrap of the nano model: VAE, then pretraining, then step distillation to 4 steps.
+
+Each stage is one resumable loop (`run_stage`) that checkpoints every few hundred steps into the work folder,
+so a long CPU run can be stopped and continued by a later session. The finished model is a plain ZImagePipeline
+folder with its Qwen3-VL teacher encoder.
+
+Pretraining mixes two contexts: the caption alone (the student's) and [reference image + caption] through the
+Qwen3-VL encoder (the teacher's). The reference is the same content at other positions (`relayout`), never the
+target itself, so an image-conditioned model must still follow its own noise; and the world draws shapes,
+colours and textures that captions never name, so the image has to carry what the words cannot.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dopsd.models.tiny import TEACHER_ENCODER_FOLDER
+from dopsd.models.zimage import ZImageModel
+from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION, build_nano_pipeline
+from dopsd.nano.scenes import TASKS, TRAINING_LEADS, SceneSampler
+from dopsd.nano.world import Scene, Vocabulary, relayout, render
+from dopsd.sampling import euler_sample
+
+STAGES = ("vae", "pretrain", "distill")
+
+
+@dataclass
+class BootstrapConfig:
+    workdir: str = "runs/nano-bootstrap"
+    """Checkpoints and the model being built."""
+    seed: int = 0
+    """Seed of initialisation and data."""
+    threads: int = 2
+    """CPU threads for torch."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints of every stage."""
+    vae_steps: int = 2000
+    """VAE training steps."""
+    vae_batch: int = 32
+    """VAE batch size."""
+    vae_lr: float = 1e-3
+    """VAE learning rate."""
+    vae_kl: float = 1e-6
+    """Weight of the KL term (small: the latents only need to be smooth enough to model)."""
+    pretrain_steps: int = 20000
+    """Flow-matching pretraining steps."""
+    pretrain_batch: int = 64
+    """Pretraining batch size."""
+    pretrain_lr: float = 3e-4
+    """Pretraining learning rate (transformer and vision tower)."""
+    pool_size: int = 8192
+    """Pretraining items kept encoded in memory."""
+    pool_refresh: int = 8
+    """Pool items replaced by fresh ones each step."""
+    image_context_prob: float = 0.5
+    """Share of pretraining samples conditioned on [reference image + caption] instead of the caption."""
+    distill_steps: int = 3000
+    """Distillation steps."""
+    distill_batch: int = 64
+    """Distillation batch size."""
+    distill_lr: float = 1e-4
+    """Distillation learning rate."""
+    teacher_steps: int = 32
+    """Euler steps of the undistilled teacher whose endpoints the 4-step student learns."""
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.workdir) / "model"
+
+
+def run_stage(
+    name: str,
+    config: BootstrapConfig,
+    modules: dict[str, torch.nn.Module],
+    steps: int,
+    lr: float,
+    loss_fn: Callable[[torch.Generator], torch.Tensor],
+    log: Callable[[str], None] = print,
+) -> None:
+    """The one training loop of every stage: AdamW over `modules`, resumable from its newest checkpoint."""
+    folder = Path(config.workdir) / "checkpoints" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    if (folder / "step.json").is_file():
+        for key, module in modules.items():
+            module.load_state_dict(load_file(str(folder / f"{key}.safetensors")))
+        state = torch.load(folder / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = json.loads((folder / "step.json").read_text())["step"]
+        log(f"{name}: resuming at step {step}")
+    start, losses = time.time(), []
+    progress = tqdm(total=steps, initial=step, desc=name, mininterval=10)
+    while step < steps:
+        # Linear warm-up over the first 200 steps, then constant.
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 200)
+        loss = loss_fn(generator)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{name}: loss {loss.item()} at step {step + 1}; last checkpoint kept in {folder}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss.item())
+        progress.update(1)
+        if step % config.checkpoint_every == 0 or step == steps:
+            for key, module in modules.items():
+                save_file(
+                    {k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / f"{key}.safetensors")
+                )
+            torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state()}, folder / "state.pt")
+            (folder / "step.json").write_text(json.dumps({"step": step}))
+            rate = len(losses) / (time.time() - start)
+            log(f"{name}: step {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({rate:.2f} steps/s)")
+    progress.close()
+
+
+class WorldStream:
+    """Training items drawn on the fly: GenEval-family scenes (half) and free scenes with free captions (half),
+    with training phrasing only ("a photo of" is kept for held-out prompts)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.sampler = SceneSampler(Vocabulary(), self.rng)
+
+    def batch(self, size: int) -> list[tuple[Scene, str]]:
+        items = []
+        for _ in range(size):
+            if self.rng.random() < 0.5:
+                item = self.sampler.sample(TASKS[int(self.rng.integers(len(TASKS)))])
+                lead = TRAINING_LEADS[int(self.rng.integers(len(TRAINING_LEADS)))]
+                items.append((item.scene, item.caption.replace("a photo of ", lead, 1)))
+            else:
+                scene = self.sampler.random_scene()
+                items.append((scene, self.sampler.describe(scene)))
+        return items
+
+    def reference(self, scene: Scene) -> Image.Image:
+        return render(relayout(scene, self.rng))
+
+
+class LatentPool:
+    """Training items with their encoded target latents, a few refreshed per step: rendering and VAE-encoding a
+    whole batch every step would cost as much as the transformer's own step on a CPU."""
+
+    def __init__(self, model: ZImageModel, stream: WorldStream, size: int, refresh: int):
+        self.model, self.stream, self.refresh = model, stream, refresh
+        self.items = stream.batch(size)
+        self.latents = torch.cat([encode_targets(model, self.items[i : i + 256]) for i in range(0, size, 256)])
+
+    def batch(self, size: int) -> tuple[list[tuple[Scene, str]], torch.Tensor]:
+        rng = self.stream.rng
+        fresh = rng.choice(len(self.items), self.refresh, replace=False)
+        new_items = self.stream.batch(self.refresh)
+        self.latents[torch.from_numpy(fresh)] = encode_targets(self.model, new_items)
+        for index, item in zip(fresh.tolist(), new_items, strict=True):
+            self.items[index] = item
+        chosen = rng.choice(len(self.items), size, replace=False)
+        return [self.items[i] for i in chosen.tolist()], self.latents[torch.from_numpy(chosen)]
+
+
+def pixels(images: list[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def train_vae(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
+    vae = AutoencoderKL.from_pretrained(config.model_dir / "vae")
+    vae.train()
+    stream = WorldStream(config.seed + 1)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        x = pixels([render(scene) for scene, _ in stream.batch(config.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        return F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
+
+    run_stage("vae", config, {"vae": vae}, config.vae_steps, config.vae_lr, loss_fn, log)
+    # Normalise latents to unit scale, as the pipeline expects: x_latent = (z - shift) * scale.
+    vae.eval()
+    with torch.no_grad():
+        x = pixels([render(scene) for scene, _ in stream.batch(256)])
+        z = vae.encode(x).latent_dist.mode()
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(config.model_dir / "vae")
+    log(f"vae: latent shift {float(z.mean()):.4f}, scale {float(1.0 / z.std()):.4f}")
+
+
+def shifted_sigmas(batch: int, generator: torch.Generator, shift: float = 3.0) -> torch.Tensor:
+    """Logit-normal sigmas pushed toward noise by the scheduler's shift, matching where the sampler spends steps."""
+    s = torch.sigmoid(torch.randn(batch, generator=generator))
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def contexts_for(
+    model: ZImageModel, items: list[tuple[Scene, str]], stream: WorldStream, image_prob: float, rng
+) -> list[dict[str, torch.Tensor]]:
+    """Per sample: the caption alone, or [reference image + caption] through the VL encoder (differentiable
+    into the vision tower when grad is enabled)."""
+    use_image = [bool(rng.random() < image_prob) for _ in items]
+    contexts: list[dict[str, torch.Tensor]] = [{} for _ in items]
+    text_idx = [i for i, u in enumerate(use_image) if not u]
+    image_idx = [i for i, u in enumerate(use_image) if u]
+    if text_idx:
+        for i, c in zip(text_idx, model.encode_student([items[i][1] for i in text_idx]), strict=True):
+            contexts[i] = c
+    if image_idx:
+        inputs = model.teacher_inputs(
+            [items[i][1] for i in image_idx], [stream.reference(items[i][0]) for i in image_idx]
+        )
+        for i, feats in zip(image_idx, model.teacher_features(inputs), strict=True):
+            contexts[i] = {"cap_feats": feats}
+    return contexts
+
+
+def encode_targets(model: ZImageModel, items: list[tuple[Scene, str]]) -> torch.Tensor:
+    return model.to_latents([render(scene) for scene, _ in items], NANO_RESOLUTION, NANO_RESOLUTION)
+
+
+def load_training_model(config: BootstrapConfig) -> ZImageModel:
+    model = ZImageModel.load(str(config.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
+    model.pipeline.transformer.train()
+    return model
+
+
+def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
+    model = load_training_model(config)
+    assert model.teacher_encoder is not None
+    transformer, vision = model.pipeline.transformer, model.teacher_encoder.model.visual
+    transformer.requires_grad_(True)
+    vision.requires_grad_(True)
+    stream = WorldStream(config.seed + 2)
+    pool = LatentPool(model, stream, config.pool_size, config.pool_refresh)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        items, latents = pool.batch(config.pretrain_batch)
+        contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng)
+        noise = torch.randn(latents.shape, generator=generator)
+        sigma = shifted_sigmas(len(items), generator)
+        s = sigma.view(-1, 1, 1, 1)
+        v = model.velocity((1 - s) * latents + s * noise, sigma, contexts)
+        return F.mse_loss(v, noise - latents)
+
+    run_stage(
+        "pretrain",
+        config,
+        {"transformer": transformer, "vision": vision},
+        config.pretrain_steps,
+        config.pretrain_lr,
+        loss_fn,
+        log,
+    )
+    save_model(model, config)
+
+
+def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
+    """Teach the 4-step schedule: at each of the student's states on the straight path between a noise and the
+    undistilled teacher's `teacher_steps`-step sample from it, predict that sample."""
+    model = load_training_model(config)
+    transformer = model.pipeline.transformer
+    teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
+    transformer.requires_grad_(True)
+    stream = WorldStream(config.seed + 3)
+    student_sigmas = model.schedule(4, NANO_RESOLUTION, NANO_RESOLUTION)[:-1]
+    teacher_sigmas = model.schedule(config.teacher_steps, NANO_RESOLUTION, NANO_RESOLUTION)
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        items = stream.batch(config.distill_batch)
+        with torch.no_grad():
+            contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng)
+            noise = torch.randn(
+                (len(items), *model.latent_shape(NANO_RESOLUTION, NANO_RESOLUTION)), generator=generator
+            )
+            model.transformer = teacher  # the same model code, driven by the frozen undistilled weights
+            try:
+                target = euler_sample(model, noise, teacher_sigmas, contexts)
+            finally:
+                model.transformer = transformer
+        k = torch.randint(len(student_sigmas), (len(items),), generator=generator)
+        sigma = student_sigmas[k]
+        s = sigma.view(-1, 1, 1, 1)
+        state = (1 - s) * target + s * noise
+        x0 = state - s * model.velocity(state, sigma, contexts)
+        return F.mse_loss(x0, target)
+
+    run_stage("distill", config, {"transformer": transformer}, config.distill_steps, config.distill_lr, loss_fn, log)
+    save_model(model, config)
+
+
+def save_model(model: ZImageModel, config: BootstrapConfig) -> None:
+    assert model.teacher_encoder is not None
+    model.pipeline.transformer.eval()
+    model.pipeline.save_pretrained(config.model_dir)
+    model.teacher_encoder.save_pretrained(config.model_dir / TEACHER_ENCODER_FOLDER)
+
+
+def bootstrap(config: BootstrapConfig, stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print) -> Path:
+    """Run the stages in order, skipping finished ones; returns the model folder."""
+    torch.set_num_threads(config.threads)
+    done_file = Path(config.workdir) / "done.json"
+    done = json.loads(done_file.read_text()) if done_file.is_file() else []
+    if not (config.model_dir / "model_index.json").is_file():
+        build_nano_pipeline(config.model_dir, seed=config.seed)
+    (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    for stage in stages:
+        if stage in done:
+            continue
+        started = time.time()
+        {"vae": train_vae, "pretrain": pretrain, "distill": distill}[stage](config, log)
+        done.append(stage)
+        done_file.write_text(json.dumps(done))
+        log(f"{stage}: finished in {time.time() - started:.0f} s")
+    return config.model_dir
+
+
+def export(config: BootstrapConfig, destination: str | Path) -> Path:
+    """Copy the built model (safetensors and configs only) to `destination`."""
+    destination = Path(destination)
+    shutil.rmtree(destination, ignore_errors=True)
+    shutil.copytree(config.model_dir, destination)
+    return destination

@@ -1,0 +1,51 @@
+"""The nano model: a Z-Image pipeline at a tiny config (same classes as Z-Image-Turbo), sized for a 2-core CPU.
+
+64x64 images, an 8x VAE with 16 latent channels (8x8 latents, 16 image tokens), a 2-layer Qwen3 text encoder,
+a 4-block transformer, and a Qwen3-VL teacher encoder carrying the text encoder's weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dopsd.models.tiny import TinyConfig, build_tiny_zimage
+from dopsd.nano.packs import PACKS, concept_item
+from dopsd.nano.scenes import TASKS, TRAINING_LEADS, SceneSampler
+from dopsd.nano.world import IMAGE_SIZE, Vocabulary
+
+NANO_RESOLUTION = IMAGE_SIZE
+NANO_CAPTION_TOKENS = 64
+"""Caption tokens kept (nano captions are short; padding to 512 would cost most of the text encoder's time)."""
+NANO_CONFIG = TinyConfig(
+    text_hidden=64,
+    text_layers=2,
+    dim=128,
+    layers=4,
+    heads=4,
+    latent_channels=16,
+    vae_channels=(16, 32, 64, 64),
+    vocab_size=640,
+    vision_patch=8,
+    vision_hidden=64,
+    vision_layers=2,
+    refiner_layers=1,
+)
+
+
+def nano_corpus(count: int = 3000, seed: int = 0) -> list[str]:
+    """Captions of every phrasing the world uses (training, evaluation, concept packs): the tokenizer's corpus,
+    so every world word is a token or two."""
+    rng = np.random.default_rng(seed)
+    sampler = SceneSampler(Vocabulary(), rng)
+    corpus = [sampler.sample(TASKS[i % len(TASKS)]).caption for i in range(count)]
+    corpus += [sampler.describe(sampler.random_scene()) for _ in range(count)]
+    for pack in PACKS:
+        corpus += [concept_item(pack, rng, lead=str(rng.choice(TRAINING_LEADS))).caption for _ in range(count // 10)]
+    return corpus
+
+
+def build_nano_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised nano pipeline folder (the bootstrap trains it)."""
+    return build_tiny_zimage(out_dir, NANO_CONFIG, seed=seed, corpus=tuple(nano_corpus(seed=seed)))
