@@ -37,7 +37,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 GENEVAL_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "hexagon", "star", "heart", "ring", "arrow")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "crescent", "star", "heart", "ring", "arrow")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 SIZES = {"small": (6.0, 8.0), "large": (10.0, 13.0)}
 """Object radius range in pixels at IMAGE_SIZE, per size word."""
@@ -88,8 +88,6 @@ def _polygon(shape: str, radius: float) -> list[tuple[float, float]]:
         return [(0, -r), (r * 0.95, r * 0.75), (-r * 0.95, r * 0.75)]
     if shape == "diamond":
         return [(0, -r), (r * 0.7, 0), (0, r), (-r * 0.7, 0)]
-    if shape == "hexagon":
-        return ring(6, r, 0)
     if shape == "star":
         outer, inner = ring(5, r), ring(5, r * 0.42, -54)
         return [p for pair in zip(outer, inner, strict=True) for p in pair]
@@ -140,7 +138,8 @@ def _texture_fill(size: tuple[int, int], origin: tuple[int, int], texture: str, 
     shade for textured objects. The pattern is anchored to the canvas, so it does not move with the patch."""
     w, h = size
     base = np.array(colour, dtype=np.float32)
-    shade = base * 0.45 if base.mean() > 90 else base + (255 - base) * 0.55
+    # The pattern's shade contrasts with the object and stays far from the grey background.
+    shade = base * 0.3 if base.mean() > 128 else base + (255 - base) * 0.75
     yy, xx = np.mgrid[origin[1] : origin[1] + h, origin[0] : origin[0] + w] / scale
     if texture == "striped":
         pattern = (np.floor((xx + yy) / 3.0) % 2) == 1
@@ -165,12 +164,15 @@ def render(scene: Scene) -> Image.Image:
         side = int(2 * reach * k) + 1
         mask = Image.new("L", (side, side), 0)
         draw = ImageDraw.Draw(mask)
-        if obj.shape in ("circle", "ring"):
+        if obj.shape in ("circle", "ring", "crescent"):
             bx0, by0, bx1, by1 = ((v - o) * k for v, o in zip(obj.box, (x0 / k, y0 / k) * 2, strict=True))
             draw.ellipse((bx0, by0, bx1, by1), fill=255)
             if obj.shape == "ring":
                 inset = obj.radius * 0.45 * k
                 draw.ellipse((bx0 + inset, by0 + inset, bx1 - inset, by1 - inset), fill=0)
+            if obj.shape == "crescent":
+                shift = obj.radius * 0.7 * k
+                draw.ellipse((bx0 + shift, by0 - shift * 0.3, bx1 + shift, by1 - shift * 0.3), fill=0)
         else:
             outline = _rotate(_polygon(obj.shape, obj.radius), obj.angle, obj.x - x0 / k, obj.y - y0 / k, k)
             draw.polygon(outline, fill=255)
@@ -186,7 +188,7 @@ class Vocabulary:
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(COLOURS)
     textures: tuple[str, ...] = TEXTURES
-    named_shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "hexagon")
+    named_shapes: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "crescent")
     named_colours: tuple[str, ...] = GENEVAL_COLOURS
     named_textures: tuple[str, ...] = ("plain",)
 
@@ -202,8 +204,9 @@ def place_objects(
             radius = float(rng.uniform(low, high))
             x = float(rng.uniform(radius + 1, size - radius - 1))
             y = float(rng.uniform(radius + 1, size - radius - 1))
-            if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 2 for o in placed):
-                angle = float(rng.uniform(-20, 20)) if spec["shape"] not in ("circle", "ring") else 0.0
+            # A gap of 3 pixels keeps anti-aliased edges of neighbours from touching.
+            if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 3 for o in placed):
+                angle = float(rng.uniform(-20, 20)) if spec["shape"] not in ("circle", "ring", "crescent") else 0.0
                 placed.append(WorldObject(radius=radius, x=x, y=y, angle=angle, **spec))
                 break
         else:

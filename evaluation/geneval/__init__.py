@@ -1,0 +1,1 @@
+"""GenEval: the official metadata format, detections and the protocol's rules."""
