@@ -149,5 +149,47 @@ def nano_bootstrap(
         typer.echo(f"model in {model_dir}")
 
 
+@nano_app.command("world")
+def nano_world(
+    out: Annotated[Path, typer.Option(help="Folder for prompt sets and concept packs.")] = Path("data/nano/world"),
+    per_task: Annotated[int, typer.Option(help="Held-out base prompts per GenEval task.")] = 20,
+    pack_images: Annotated[int, typer.Option(help="Images per concept pack (at most 64).")] = 48,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write the world's held-out GenEval-nano prompts and its concept packs (landing folders + their prompts)."""
+    from dopsd.nano.packs import PACKS, write_pack, write_pack_prompts
+    from dopsd.nano.scenes import prompt_set, write_jsonl
+    from dopsd.nano.world import Vocabulary
+
+    write_jsonl(prompt_set(Vocabulary(), per_task, seed), out / "base_prompts.jsonl")
+    for pack in PACKS:
+        write_pack(pack, out / "packs" / pack.name, pack_images, seed)
+        write_pack_prompts(pack, out / "packs" / f"{pack.name}_prompts.jsonl")
+    typer.echo(f"wrote base prompts and {len(PACKS)} concept packs to {out}")
+
+
+@nano_app.command("detector")
+def nano_detector(
+    out: Annotated[Path | None, typer.Option(help="Weights file (default: the packaged one).")] = None,
+    train_scenes: Annotated[int, typer.Option(help="Renders to train on.")] = 8000,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
+    validation_scenes: Annotated[int, typer.Option(help="Held-out renders to validate on.")] = 1000,
+    metrics: Annotated[Path | None, typer.Option(help="Write the validation as JSON here.")] = None,
+) -> None:
+    """Train the nano world's detector on renders and validate it on held-out renders."""
+    import dataclasses as dc
+
+    from evaluation.nano.detector import DEFAULT_WEIGHTS
+    from evaluation.nano.train_detector import build_detector, validate, world_scenes
+
+    detector = build_detector(train_scenes, epochs, log=typer.echo)
+    path = detector.save(out or DEFAULT_WEIGHTS)
+    result = validate(detector, world_scenes(validation_scenes, seed=12345))
+    typer.echo(f"saved {path}; held-out validation: {json.dumps(dc.asdict(result))}")
+    if metrics:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps(dc.asdict(result), indent=2))
+
+
 if __name__ == "__main__":
     app()
