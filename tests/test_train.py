@@ -96,6 +96,10 @@ def run(args, **kwargs):
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
+def train_args(model, data, output):
+    return ["train", "--preset", "tiny", "--model", model, "--data", str(data), "--output", str(output)]
+
+
 def test_cli_help_lists_every_config_field():
     result = run([str(BIN / "dopsd"), "train", "--help"], cwd=None)
     assert result.returncode == 0
@@ -110,15 +114,7 @@ def test_cli_train_then_sample(tmp_path, tiny_zimage_path, dataset):
     result = run(
         [
             str(BIN / "dopsd"),
-            "train",
-            "--preset",
-            "tiny",
-            "--model",
-            tiny_zimage_path,
-            "--data",
-            str(dataset),
-            "--output",
-            str(out),
+            *train_args(tiny_zimage_path, dataset, out),
             "--steps",
             "3",
             "--teacher",
@@ -155,15 +151,7 @@ def test_cli_train_then_sample(tmp_path, tiny_zimage_path, dataset):
     bad = run(
         [
             str(BIN / "dopsd"),
-            "train",
-            "--preset",
-            "tiny",
-            "--model",
-            tiny_zimage_path,
-            "--data",
-            str(dataset),
-            "--output",
-            str(tmp_path / "r2"),
+            *train_args(tiny_zimage_path, dataset, tmp_path / "r2"),
             "--resolution",
             "30",
         ]
@@ -188,15 +176,7 @@ def test_accelerate_launch_two_processes(tmp_path, tiny_zimage_path, dataset):
             "no",
             "-m",
             "dopsd.cli",
-            "train",
-            "--preset",
-            "tiny",
-            "--model",
-            tiny_zimage_path,
-            "--data",
-            str(dataset),
-            "--output",
-            str(out),
+            *train_args(tiny_zimage_path, dataset, out),
             "--steps",
             "2",
             "--checkpoint-every",
