@@ -191,5 +191,26 @@ def nano_detector(
         metrics.write_text(json.dumps(dc.asdict(result), indent=2))
 
 
+@nano_app.command("report")
+def nano_report(
+    workdir: Annotated[Path, typer.Option(help="The bootstrap's work folder.")] = Path("runs/nano-bootstrap"),
+    prompts: Annotated[Path, typer.Option(help="Held-out GenEval-nano prompts.")] = Path(
+        "data/nano/world/base_prompts.jsonl"
+    ),
+    out: Annotated[Path, typer.Option(help="Markdown report (a .json beside it).")] = Path("reports/nano_base.md"),
+    seeds: Annotated[str, typer.Option(help="Seeds per prompt.")] = "0-2",
+) -> None:
+    """Measure the nano base: GenEval-nano distilled@4 vs undistilled@4/@32, and the teacher premise per pack."""
+    import sys
+
+    from dopsd.preview import parse_seeds
+    from evaluation.nano.base_report import write_base_report
+    from evaluation.nano.detector import NanoDetector
+
+    command = "dopsd " + " ".join(sys.argv[1:])
+    write_base_report(workdir, prompts, NanoDetector.load(), out, command, parse_seeds(seeds))
+    typer.echo(out.read_text())
+
+
 if __name__ == "__main__":
     app()

@@ -33,7 +33,8 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     config = tiny_budget(tmp_path / "boot")
     logs = []
     bootstrap(config, stages=("vae", "pretrain"), log=logs.append)
-    assert json.loads((tmp_path / "boot" / "done.json").read_text()) == ["vae", "pretrain"]
+    done = json.loads((tmp_path / "boot" / "done.json").read_text())
+    assert list(done) == ["vae", "pretrain"] and "CPU" in done["vae"]["machine"]
     vae_config = json.loads((config.model_dir / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # latents normalised from the trained encoder
     pretrained = load_file(str(tmp_path / "boot" / "checkpoints" / "pretrain" / "transformer.safetensors"))
@@ -59,3 +60,25 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert images[0].size == (NANO_RESOLUTION, NANO_RESOLUTION)
     model = load_model(str(config.model_dir))  # with its Qwen3-VL teacher encoder
     assert model.teacher_encoder is not None
+
+
+def test_base_report_from_a_tiny_bootstrap(tmp_path):
+    from evaluation.nano.base_report import write_base_report
+    from evaluation.nano.detector import NanoDetector
+
+    config = tiny_budget(tmp_path / "boot")
+    bootstrap(config, log=lambda line: None)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}\n'
+        '{"tag": "counting", "include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", '
+        '"count": 3}], "prompt": "a photo of two squares"}\n'
+    )
+    out = tmp_path / "reports" / "nano_base.md"
+    metrics = write_base_report(tmp_path / "boot", prompts, NanoDetector.load(), out, "test", seeds=[0])
+    assert set(metrics["geneval_nano"]) == {"distilled@4", "undistilled@4", "undistilled@32"}
+    assert [p["pack"] for p in metrics["premise"]] == ["star", "teal", "striped"]
+    assert all(p["samples"] == 24 for p in metrics["premise"])
+    text = out.read_text()
+    assert "| distilled | 4 |" in text and "| star |" in text and "distilled@4 >= 0.75" in text
+    assert (tmp_path / "reports" / "nano_base.json").is_file()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -317,7 +318,7 @@ def bootstrap(config: BootstrapConfig, stages: tuple[str, ...] = STAGES, log: Ca
     """Run the stages in order, skipping finished ones; returns the model folder."""
     torch.set_num_threads(config.threads)
     done_file = Path(config.workdir) / "done.json"
-    done = json.loads(done_file.read_text()) if done_file.is_file() else []
+    done: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
     if not (config.model_dir / "model_index.json").is_file():
         build_nano_pipeline(config.model_dir, seed=config.seed)
     (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -326,10 +327,16 @@ def bootstrap(config: BootstrapConfig, stages: tuple[str, ...] = STAGES, log: Ca
             continue
         started = time.time()
         {"vae": train_vae, "pretrain": pretrain, "distill": distill}[stage](config, log)
-        done.append(stage)
-        done_file.write_text(json.dumps(done))
-        log(f"{stage}: finished in {time.time() - started:.0f} s")
+        # Wall time of the session that finished the stage (earlier sittings of a resumed stage not included).
+        done[stage] = {"seconds": round(time.time() - started), "machine": machine_description(config.threads)}
+        done_file.write_text(json.dumps(done, indent=2))
+        log(f"{stage}: finished in {done[stage]['seconds']} s")
     return config.model_dir
+
+
+def machine_description(threads: int) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} torch threads"
+    return f"{device}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
 
 
 def export(config: BootstrapConfig, destination: str | Path) -> Path:

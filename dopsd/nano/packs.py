@@ -127,18 +127,21 @@ def write_pack(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int
     return folder
 
 
-def pack_prompts(pack: ConceptPack, count: int = 24, seed: int = 1000) -> list[dict]:
-    """Held-out evaluation prompts for the pack, in the GenEval phrasing ("a photo of ...")."""
+def pack_items(pack: ConceptPack, count: int = 24, seed: int = 1000) -> list[Item]:
+    """Held-out evaluation items for the pack (distinct prompts in the GenEval phrasing, "a photo of ..."), with
+    the scene each prompt was made from (a reference for the teacher)."""
     rng = np.random.default_rng(seed)
-    records, seen = [], set()
+    items: dict[str, Item] = {}
     for _ in range(count * 100):
         item = concept_item(pack, rng, lead="a photo of ")
-        if item.caption not in seen:
-            seen.add(item.caption)
-            records.append(item.metadata)
-            if len(records) == count:
-                break
-    return records
+        items.setdefault(item.caption, item)
+        if len(items) == count:
+            break
+    return list(items.values())
+
+
+def pack_prompts(pack: ConceptPack, count: int = 24, seed: int = 1000) -> list[dict]:
+    return [item.metadata for item in pack_items(pack, count, seed)]
 
 
 def write_pack_prompts(pack: ConceptPack, path: str | Path, count: int = 24) -> Path:

@@ -1,0 +1,110 @@
+"""reports/nano_base.md: is the nano base good enough to fine-tune, and does the premise hold?
+
+Measured: GenEval-nano of the distilled model at 4 steps, of the undistilled (pretrained) model at 4 and 32
+steps, and the teacher premise on each concept pack. Targets (issue 3): distilled@4 >= 0.75; undistilled@4
+clearly below undistilled@32; distilled@4 within 0.05 of undistilled@32; teacher concept accuracy >= 0.7 with
+layouts that follow the noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from dopsd.models.zimage import ZImageModel
+from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
+from dopsd.nano.packs import PACKS
+from evaluation.geneval.detection import Detector
+from evaluation.geneval.rules import TASKS, GenevalScore, read_metadata
+from evaluation.nano.geneval_nano import geneval_nano
+from evaluation.nano.premise import PremiseResult, teacher_premise
+
+
+def base_metrics(
+    model_dir: str | Path,
+    undistilled_weights: str | Path,
+    prompts: str | Path,
+    detector: Detector,
+    seeds: Sequence[int] = (0, 1, 2),
+) -> dict:
+    model = ZImageModel.load(str(model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
+    records = read_metadata(prompts)
+    results: dict[str, dict] = {}
+
+    def score(name: str, steps: int) -> None:
+        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION)
+        results[name] = dataclasses.asdict(geneval)
+
+    score("distilled@4", 4)
+    premise = [dataclasses.asdict(teacher_premise(model, pack, detector, seeds)) for pack in PACKS]
+    model.pipeline.transformer.load_state_dict(load_file(str(undistilled_weights)))
+    score("undistilled@4", 4)
+    score("undistilled@32", 32)
+    return {"geneval_nano": results, "premise": premise, "prompts": len(records), "seeds": list(seeds)}
+
+
+def render_markdown(metrics: dict, command: str, bootstrap: dict) -> str:
+    g = metrics["geneval_nano"]
+    lines = [
+        "# Nano base: GenEval-nano and the teacher premise",
+        "",
+        f"Command: `{command}`  ",
+        f"{metrics['prompts']} held-out prompts x {len(metrics['seeds'])} seeds; detector + GenEval rules.",
+        "",
+        "| model | steps | overall | " + " | ".join(TASKS) + " |",
+        "|---|---|---|" + "---|" * len(TASKS),
+    ]
+    for name, result in g.items():
+        score = GenevalScore(**result)
+        model, steps = name.split("@")
+        tasks = " | ".join(f"{score.tasks.get(t, float('nan')):.3f}" for t in TASKS)
+        lines.append(f"| {model} | {steps} | {score.overall:.3f} | {tasks} |")
+    lines += [
+        "",
+        "| pack | teacher acc (ref + caption, 4 steps) | student acc (caption) | layout spread px | copies |",
+        "|---|---|---|---|---|",
+    ]
+    for row in metrics["premise"]:
+        p = PremiseResult(**row)
+        lines.append(
+            f"| {p.pack} | {p.teacher_accuracy:.3f} | {p.student_accuracy:.3f} | {p.layout_spread:.1f} | "
+            f"{p.copies:.3f} |"
+        )
+    d4, u4, u32 = (g[k]["overall"] for k in ("distilled@4", "undistilled@4", "undistilled@32"))
+    premise_ok = all(r["teacher_accuracy"] >= 0.7 and r["copies"] < 0.5 for r in metrics["premise"])
+    lines += [
+        "",
+        "Targets:",
+        f"- distilled@4 >= 0.75: {'met' if d4 >= 0.75 else 'NOT met'} ({d4:.3f})",
+        f"- undistilled@4 clearly below undistilled@32: {'met' if u32 - u4 >= 0.05 else 'NOT met'} "
+        f"({u4:.3f} vs {u32:.3f})",
+        f"- distilled@4 within 0.05 of undistilled@32: {'met' if abs(d4 - u32) <= 0.05 else 'NOT met'}",
+        f"- teacher shows each pack's concept (>= 0.7) without copying: {'met' if premise_ok else 'NOT met'}",
+        "",
+        "Bootstrap (wall time of the sitting that finished each stage):",
+        *[f"- {stage}: {info['seconds']} s on {info['machine']}" for stage, info in bootstrap.items()],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_base_report(
+    workdir: str | Path,
+    prompts: str | Path,
+    detector: Detector,
+    out: str | Path,
+    command: str,
+    seeds: Sequence[int] = (0, 1, 2),
+) -> dict:
+    workdir = Path(workdir)
+    weights = workdir / "checkpoints" / "pretrain" / "transformer.safetensors"
+    metrics = base_metrics(workdir / "model", weights, prompts, detector, seeds)
+    bootstrap = json.loads((workdir / "done.json").read_text())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(metrics, command, bootstrap))
+    out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
+    return metrics

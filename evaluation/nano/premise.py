@@ -1,0 +1,86 @@
+"""The premise D-OPSD stands on, measured on the nano base before anything is fine-tuned.
+
+Given [reference image + caption], the teacher must draw the pack's concept (a word it never learned) at the
+student's own few-step schedule, and must not copy the reference: its layouts must follow its noise. The
+reference is the prompt's scene laid out anew, as in pretraining; the student, given the prompt alone, is the
+contrast (it does not know the word).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dopsd.models.zimage import ZImageModel
+from dopsd.nano.packs import ConceptPack, pack_items
+from dopsd.nano.world import relayout, render
+from evaluation.geneval.detection import Detector
+from evaluation.nano.geneval_nano import generate, score_images
+
+COPY_DISTANCE = 2.0
+"""Pixels: a sample whose foreground centre sits this close to the reference's counts as a copy."""
+
+
+@dataclass
+class PremiseResult:
+    pack: str
+    teacher_accuracy: float
+    """Share of teacher samples the GenEval rules judge correct for the pack prompt (the concept included)."""
+    student_accuracy: float
+    """The same with the prompt alone."""
+    layout_spread: float
+    """Mean distance (pixels) between the foreground centres of one prompt's samples across seeds."""
+    copies: float
+    """Share of teacher samples whose foreground centre sits within COPY_DISTANCE of the reference's."""
+    samples: int
+
+
+def foreground_centre(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    mask = np.abs(array - np.median(border, axis=0)).max(-1) > 40
+    if not mask.any():
+        return np.array([np.nan, np.nan])
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def teacher_premise(
+    model: ZImageModel,
+    pack: ConceptPack,
+    detector: Detector,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 4,
+    prompts: int = 24,
+    resolution: int = 64,
+    seed: int = 0,
+) -> PremiseResult:
+    items = pack_items(pack, prompts)
+    rng = np.random.default_rng(seed)
+    references = [render(relayout(item.scene, rng)) for item in items]
+    captions = [item.caption for item in items]
+    records = [item.metadata for item in items for _ in seeds]
+    teacher_images = generate(model, model.encode_teacher(captions, references), seeds, steps, resolution)
+    student_images = generate(model, model.encode_student(captions), seeds, steps, resolution)
+    teacher_score, _ = score_images(teacher_images, records, detector)
+    student_score, _ = score_images(student_images, records, detector)
+    centres = np.array([foreground_centre(im) for im in teacher_images]).reshape(len(items), len(seeds), 2)
+    spreads = [
+        np.linalg.norm(centres[i, a] - centres[i, b])
+        for i in range(len(items))
+        for a, b in itertools.combinations(range(len(seeds)), 2)
+    ]
+    reference_centres = np.array([foreground_centre(r) for r in references])
+    distances = np.linalg.norm(centres - reference_centres[:, None, :], axis=-1)
+    return PremiseResult(
+        pack=pack.name,
+        teacher_accuracy=teacher_score.overall or 0.0,
+        student_accuracy=student_score.overall or 0.0,
+        layout_spread=float(np.nanmean(spreads)) if spreads else float("nan"),
+        copies=float(np.mean(distances < COPY_DISTANCE)),
+        samples=len(teacher_images),
+    )
