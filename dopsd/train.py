@@ -174,6 +174,10 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
 
     with accelerator.main_process_first():
         cache = build_cache(model, config, output / "cache" / f"{config.method}.safetensors", device)
+    if device.type == "cuda":
+        # Everything the round needs from the encoders is cached: give their memory to the transformer.
+        for module in model.encoder_modules():
+            module.to("cpu")
     sigmas = rollout_sigmas(model, config)
     rank_seed = config.seed * 1000 + accelerator.process_index
     generators = {

@@ -39,7 +39,11 @@ class FewStepModel(ABC):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Every network of the model; only LoRA adapters added later are trained."""
-        return [self.pipeline.transformer, self.pipeline.vae, self.pipeline.text_encoder]
+        return [self.pipeline.transformer, *self.encoder_modules()]
+
+    def encoder_modules(self) -> list[torch.nn.Module]:
+        """The networks that only turn data into contexts and latents (idle once those are cached)."""
+        return [self.pipeline.vae, self.pipeline.text_encoder]
 
     @property
     def resolution_multiple(self) -> int:

@@ -80,6 +80,8 @@ class Flux2KleinModel(FewStepModel):
         embeds = self._encode([p + self.reference_suffix for p in prompts])
         contexts = []
         for e, image in zip(embeds, images, strict=True):
+            # As the edit pipeline prepares a reference: at most 1024^2 pixels, sides multiples of 16.
+            image = self.pipeline.image_processor._resize_if_exceeds_area(image.convert("RGB"), 1024 * 1024)
             w, h = image.size
             m = self.resolution_multiple
             reference = self.to_latents([image], max(m, h // m * m), max(m, w // m * m))[0]

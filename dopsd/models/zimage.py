@@ -46,9 +46,9 @@ class ZImageModel(FewStepModel):
         if teacher_encoder is not None:
             teacher_encoder.to(self.device)
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
+    def encoder_modules(self) -> list[torch.nn.Module]:
         extra = [self.teacher_encoder] if self.teacher_encoder is not None else []
-        return [*super().frozen_modules(), *extra]
+        return [*super().encoder_modules(), *extra]
 
     @classmethod
     def load(
