@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dopsd import adapters
 from dopsd.config import TrainConfig
-from dopsd.data import read_dataset
+from dopsd.data import Example, read_dataset
 from dopsd.models import Context, FewStepModel, load_model
 from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
 
@@ -82,11 +83,21 @@ def build_model(config: TrainConfig, device: torch.device) -> FewStepModel:
     )
 
 
-def build_cache(model: FewStepModel, config: TrainConfig, path: Path, device: torch.device) -> SampleCache:
-    """Encode every sample once (reused from `path` when it exists: a resumed round skips the encoders)."""
+def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
+    """Where this data's encodings live: keyed by what they depend on, so changed data is encoded afresh."""
+    key = [config.model, config.teacher_encoder, config.method, config.resolution, config.max_caption_tokens]
+    for e in examples:
+        stat = e.image_path.stat()
+        key.append((e.image_path.name, stat.st_size, stat.st_mtime_ns, e.caption))
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    return Path(config.output) / "cache" / f"{config.method}-{digest}.safetensors"
+
+
+def build_cache(model: FewStepModel, config: TrainConfig, examples: list[Example], device: torch.device) -> SampleCache:
+    """Encode every sample once (reused when it exists: a resumed round skips the encoders)."""
+    path = cache_path(config, examples)
     if path.is_file():
         return SampleCache.load(path, device)
-    examples = read_dataset(config.data)
     student, teacher, latents = [], [], []
     for example in tqdm(examples, desc="encoding samples", leave=False):
         image = example.load_image()
@@ -156,7 +167,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
     device = accelerator.device
-    read_dataset(config.data)  # every data problem surfaces before a model is loaded
+    examples = read_dataset(config.data)  # every data problem surfaces before a model is loaded
     model = build_model(config, device)
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
@@ -173,7 +184,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     pairs = adapters.adapter_pairs(transformer)
 
     with accelerator.main_process_first():
-        cache = build_cache(model, config, output / "cache" / f"{config.method}.safetensors", device)
+        cache = build_cache(model, config, examples, device)
     if device.type == "cuda":
         # Everything the round needs from the encoders is cached: give their memory to the transformer.
         for module in model.encoder_modules():

@@ -234,3 +234,14 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path, tiny_zimage_path, da
         on_metrics=lambda step, m: metrics.append(m["loss"]),
     )
     assert len(metrics) == 2 and all(0 < loss < 10 for loss in metrics)
+
+
+def test_cache_follows_the_data(tmp_path, tiny_zimage_path, dataset):
+    from dopsd.train import cache_path
+
+    config = tiny_config(tiny_zimage_path, dataset, tmp_path / "c", steps=1)
+    before = cache_path(config, read_dataset(dataset))
+    train(config)
+    assert before.is_file()
+    (dataset / "img_0.txt").write_text("a new caption")
+    assert cache_path(config, read_dataset(dataset)) != before
