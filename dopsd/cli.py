@@ -142,7 +142,7 @@ def nano_bootstrap(
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
-    model_dir = bootstrap(config, tuple(stage) if stage else STAGES, log=typer.echo)
+    model_dir = bootstrap(config, tuple(stage) if stage else None, log=typer.echo)
     if export_to:
         typer.echo(f"model exported to {export(config, export_to)}")
     else:

@@ -44,8 +44,11 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert any(line.startswith("distill: step 3/3") for line in logs)
     assert not any(line.startswith("pretrain: resuming") for line in logs)
     before = len(logs)
+    bootstrap(tiny_budget(tmp_path / "boot", pretrain_steps=3), log=logs.append)
+    assert len(logs) == before  # finished stages are not run again
     bootstrap(tiny_budget(tmp_path / "boot", pretrain_steps=3), stages=("pretrain",), log=logs.append)
-    assert len(logs) == before  # a finished stage is not run again
+    assert "pretrain: resuming at step 2" in logs and "pretrain: step 3/3" in " ".join(logs)
+    assert list(json.loads((tmp_path / "boot" / "done.json").read_text())) == ["vae", "pretrain"]  # distill again
 
     distilled = load_file(str(tmp_path / "boot" / "checkpoints" / "distill" / "transformer.safetensors"))
     assert any(not torch.equal(pretrained[k], distilled[k]) for k in pretrained)

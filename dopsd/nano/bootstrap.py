@@ -314,21 +314,26 @@ def save_model(model: ZImageModel, config: BootstrapConfig) -> None:
     model.teacher_encoder.save_pretrained(config.model_dir / TEACHER_ENCODER_FOLDER)
 
 
-def bootstrap(config: BootstrapConfig, stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print) -> Path:
-    """Run the stages in order, skipping finished ones; returns the model folder."""
+def bootstrap(
+    config: BootstrapConfig, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Run every stage in order, skipping finished ones; stages named explicitly run even when finished, from
+    their newest checkpoint (raise their step count to train them further). Returns the model folder."""
     torch.set_num_threads(config.threads)
     done_file = Path(config.workdir) / "done.json"
     done: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
     if not (config.model_dir / "model_index.json").is_file():
         build_nano_pipeline(config.model_dir, seed=config.seed)
     (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    for stage in stages:
-        if stage in done:
+    for stage in stages or STAGES:
+        if stages is None and stage in done:
             continue
         started = time.time()
         {"vae": train_vae, "pretrain": pretrain, "distill": distill}[stage](config, log)
         # Wall time of the session that finished the stage (earlier sittings of a resumed stage not included).
         done[stage] = {"seconds": round(time.time() - started), "machine": machine_description(config.threads)}
+        for later in STAGES[STAGES.index(stage) + 1 :]:
+            done.pop(later, None)  # built on what this stage just changed: to be run again
         done_file.write_text(json.dumps(done, indent=2))
         log(f"{stage}: finished in {done[stage]['seconds']} s")
     return config.model_dir
