@@ -83,5 +83,11 @@ def test_base_report_from_a_tiny_bootstrap(tmp_path):
     assert [p["pack"] for p in metrics["premise"]] == ["star", "teal", "striped"]
     assert all(p["samples"] == 24 for p in metrics["premise"])
     text = out.read_text()
-    assert "| distilled | 4 |" in text and "| star |" in text and "distilled@4 >= 0.75" in text
+    assert 0 <= metrics["vae_reconstruction"]["all_attributes"] <= 1
+    assert (
+        "| distilled | 4 |" in text
+        and "VAE round trip" in text
+        and "| star |" in text
+        and "distilled@4 >= 0.75" in text
+    )
     assert (tmp_path / "reports" / "nano_base.json").is_file()

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dopsd.nano.scenes import TASKS, SceneSampler
 from dopsd.nano.world import Scene, Vocabulary, render
+from evaluation.geneval.detection import Detector
 from evaluation.nano.detector import NanoDetector, labelled_crops, object_of, train_classifier
 
 
@@ -37,8 +39,12 @@ class DetectorValidation:
     """Detections that matched no object."""
 
 
-def validate(detector: NanoDetector, scenes: list[Scene]) -> DetectorValidation:
-    images = [render(s) for s in scenes]
+def validate(
+    detector: Detector, scenes: list[Scene], images: list[Image.Image] | None = None
+) -> DetectorValidation:
+    """Per-object accuracy on the scenes' renders, or on other images of the same scenes (e.g. a VAE's
+    reconstructions: the ceiling of what the model's samples can score)."""
+    images = images if images is not None else [render(s) for s in scenes]
     hits = {"found": 0, "shape": 0, "colour": 0, "texture": 0, "all": 0}
     total = extra = 0
     for scene, detections in zip(scenes, detector.detect(images), strict=True):
