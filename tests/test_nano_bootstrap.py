@@ -23,6 +23,8 @@ def tiny_budget(workdir, **overrides):
         distill_steps=2,
         distill_batch=2,
         teacher_steps=4,
+        teacher_pairs=4,
+        refresh_every=2,
         checkpoint_every=1,
         threads=1,
     )

@@ -39,9 +39,7 @@ class DetectorValidation:
     """Detections that matched no object."""
 
 
-def validate(
-    detector: Detector, scenes: list[Scene], images: list[Image.Image] | None = None
-) -> DetectorValidation:
+def validate(detector: Detector, scenes: list[Scene], images: list[Image.Image] | None = None) -> DetectorValidation:
     """Per-object accuracy on the scenes' renders, or on other images of the same scenes (e.g. a VAE's
     reconstructions: the ceiling of what the model's samples can score)."""
     images = images if images is not None else [render(s) for s in scenes]
