@@ -20,39 +20,32 @@ def random_image(seed=0, size=32):
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
-def test_zimage_velocity_and_euler_reproduce_the_pipeline(tiny_zimage_path):
-    model = ZImageModel.load(tiny_zimage_path)
-    sigmas = model.schedule(4, 32, 32)
-    assert sigmas.tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])  # Turbo's shift-3 schedule
+def pipeline_and_euler(model, output_type):
+    """The real pipeline's 4-step output and the project's Euler loop over `velocity`, same seed and prompts."""
     reference = model.pipeline(
-        prompt=list(PROMPTS),
+        prompt=list(PROMPTS),  # the pipeline rewrites its prompt list in place
         height=32,
         width=32,
         num_inference_steps=4,
         generator=torch.Generator().manual_seed(0),
-        output_type="latent",
+        output_type=output_type,
         **model.pipeline_kwargs(),
     ).images
     noise = model.noise(2, 32, 32, torch.Generator().manual_seed(0))
-    ours = euler_sample(model, noise, sigmas, model.encode_student(PROMPTS))
+    return reference, euler_sample(model, noise, model.schedule(4, 32, 32), model.encode_student(PROMPTS))
+
+
+def test_zimage_velocity_and_euler_reproduce_the_pipeline(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path)
+    assert model.schedule(4, 32, 32).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])  # Turbo's shift 3
+    reference, ours = pipeline_and_euler(model, "latent")
     torch.testing.assert_close(ours, reference.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_klein_velocity_and_euler_reproduce_the_pipeline(tiny_klein_path):
     model = load_model(tiny_klein_path, text_encoder_layers=(1, 2, 3))
     assert isinstance(model, Flux2KleinModel)
-    sigmas = model.schedule(4, 32, 32)
-    reference = model.pipeline(
-        prompt=list(PROMPTS),
-        height=32,
-        width=32,
-        num_inference_steps=4,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-        **model.pipeline_kwargs(),
-    ).images
-    noise = model.noise(2, 32, 32, torch.Generator().manual_seed(0))
-    ours = euler_sample(model, noise, sigmas, model.encode_student(PROMPTS))
+    reference, ours = pipeline_and_euler(model, "np")  # klein's latent output is unpatchified: compare pixels
     decoded = np.stack([np.asarray(im) for im in model.to_images(ours)]) / 255.0
     assert np.abs(decoded - reference).max() <= 1 / 255 + 1e-6  # PIL rounding only
 
