@@ -79,8 +79,7 @@ def concept_item(pack: ConceptPack, rng: np.random.Generator, lead: str, size: i
         elif template == 1:
             n = int(rng.integers(2, 4))
             objects = place_objects(rng, [spec] * n, size)
-            words = noun.split()
-            caption = f"{lead}{NUMBER_WORDS[n]} {' '.join(words[:-1] + [plural(words[-1])])}"
+            caption = f"{lead}{NUMBER_WORDS[n]} {plural(noun)}"
             include, tag = [_clause(pack, spec, n, with_colour)], "counting"
             exclude = [{"class": spec["shape"], "count": n + 1}]
         else:

@@ -35,8 +35,9 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def plural(word: str) -> str:
-    return word + ("es" if word.endswith(("s", "x", "sh", "ch")) else "s")
+def plural(phrase: str) -> str:
+    """Plural of a noun phrase: its last word takes the ending ("striped star" -> "striped stars")."""
+    return phrase + ("es" if phrase.endswith(("s", "x", "sh", "ch")) else "s")
 
 
 def noun(obj: WorldObject, vocab: Vocabulary, with_colour: bool, with_texture: bool = True) -> str:
@@ -146,10 +147,7 @@ class SceneSampler:
         for obj in scene.objects:
             key = noun(obj, self.vocab, with_colour=bool(self.rng.random() < 0.7))
             groups[key] = groups.get(key, 0) + 1
-        parts = [
-            f"{article(k)} {k}" if n == 1 else f"{NUMBER_WORDS[n]} {' '.join(k.split()[:-1] + [plural(k.split()[-1])])}"
-            for k, n in groups.items()
-        ]
+        parts = [f"{article(k)} {k}" if n == 1 else f"{NUMBER_WORDS[n]} {plural(k)}" for k, n in groups.items()]
         return f"{self._pick(TRAINING_LEADS)}{' and '.join(parts)}"
 
     def random_scene(self, max_objects: int = 4) -> Scene:
