@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dopsd.nano.scenes import TASKS, SceneSampler
@@ -79,5 +78,4 @@ def build_detector(
     scenes = world_scenes(train_scenes, seed)
     crops, labels = labelled_crops(scenes, [render(s) for s in scenes])
     log(f"training the nano detector on {len(crops)} object crops from {train_scenes} renders")
-    torch.set_num_threads(torch.get_num_threads())
     return NanoDetector(train_classifier(crops, labels, epochs=epochs, seed=seed))
