@@ -22,6 +22,27 @@ def euler_sample(
     return x
 
 
+def sample_images(
+    model: FewStepModel,
+    contexts: Sequence[Context],
+    seeds: Sequence[int],
+    steps: int,
+    resolution: int,
+    batch: int = 64,
+) -> list[Image.Image]:
+    """One image per (context, seed), context-major; each seed's noise is what the pipeline draws for it, so the
+    same (prompt, seed) gives the same start whatever the batch or the adapter."""
+    sigmas = model.schedule(steps, resolution, resolution)
+    jobs = [(c, s) for c in contexts for s in seeds]
+    images: list[Image.Image] = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        noise = torch.cat([model.noise(1, resolution, resolution, torch.Generator().manual_seed(s)) for _, s in chunk])
+        latents = euler_sample(model, noise, sigmas, [c for c, _ in chunk])
+        images.extend(model.to_images(latents))
+    return images
+
+
 def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
     """Tile equally sized images row by row."""
     if not images:

@@ -6,8 +6,9 @@ import pytest
 from dopsd.models import ZImageModel
 from dopsd.nano.scenes import TASKS, SceneSampler
 from dopsd.nano.world import Vocabulary, render
+from dopsd.sampling import sample_images
 from evaluation.nano.detector import NanoDetector
-from evaluation.nano.geneval_nano import generate, geneval_nano, score_images
+from evaluation.nano.geneval_nano import geneval_nano, score_images
 
 
 @pytest.fixture(scope="module")
@@ -36,5 +37,5 @@ def test_model_samples_are_scored_per_prompt_and_seed(tiny_zimage_path, detector
     score, verdicts, images = geneval_nano(model, records, seeds=[0, 1, 2], steps=4, detector=detector, resolution=32)
     assert len(verdicts) == len(images) == 6 and score.images == 6
     assert all(v.reason for v in verdicts if not v.correct)
-    again = generate(model, model.encode_student(["a photo of a circle"]), [1], 4, 32)
+    again = sample_images(model, model.encode_student(["a photo of a circle"]), [1], 4, 32)
     assert np.array_equal(np.asarray(again[0]), np.asarray(images[1]))  # same prompt and seed, same image

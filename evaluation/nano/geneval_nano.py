@@ -5,33 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from PIL import Image
 
-from dopsd.models.base import Context, FewStepModel
-from dopsd.sampling import euler_sample
+from dopsd.models.base import FewStepModel
+from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detector
 from evaluation.geneval.rules import GenevalScore, Verdict, aggregate, evaluate_image
-
-
-def generate(
-    model: FewStepModel,
-    contexts: Sequence[Context],
-    seeds: Sequence[int],
-    steps: int,
-    resolution: int,
-    batch: int = 64,
-) -> list[Image.Image]:
-    """One image per (context, seed), context-major; each seed's noise is what the pipeline draws for it."""
-    sigmas = model.schedule(steps, resolution, resolution)
-    jobs = [(c, s) for c in contexts for s in seeds]
-    images: list[Image.Image] = []
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start : start + batch]
-        noise = torch.cat([model.noise(1, resolution, resolution, torch.Generator().manual_seed(s)) for _, s in chunk])
-        latents = euler_sample(model, noise, sigmas, [c for c, _ in chunk])
-        images.extend(model.to_images(latents))
-    return images
 
 
 def score_images(
@@ -53,7 +32,7 @@ def geneval_nano(
 ) -> tuple[GenevalScore, list[Verdict], list[Image.Image]]:
     """Sample every prompt at every seed with the prompt alone (the deployed setting) and score the images."""
     contexts = model.encode_student([r["prompt"] for r in records])
-    images = generate(model, contexts, seeds, steps, resolution)
+    images = sample_images(model, contexts, seeds, steps, resolution)
     expanded = [r for r in records for _ in seeds]
     score, verdicts = score_images(images, expanded, detector)
     return score, verdicts, images

@@ -18,8 +18,9 @@ from PIL import Image
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.packs import ConceptPack, pack_items
 from dopsd.nano.world import relayout, render
+from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detector
-from evaluation.nano.geneval_nano import generate, score_images
+from evaluation.nano.geneval_nano import score_images
 
 COPY_DISTANCE = 2.0
 """Pixels: a sample whose foreground centre sits this close to the reference's counts as a copy."""
@@ -64,8 +65,8 @@ def teacher_premise(
     references = [render(relayout(item.scene, rng)) for item in items]
     captions = [item.caption for item in items]
     records = [item.metadata for item in items for _ in seeds]
-    teacher_images = generate(model, model.encode_teacher(captions, references), seeds, steps, resolution)
-    student_images = generate(model, model.encode_student(captions), seeds, steps, resolution)
+    teacher_images = sample_images(model, model.encode_teacher(captions, references), seeds, steps, resolution)
+    student_images = sample_images(model, model.encode_student(captions), seeds, steps, resolution)
     teacher_score, _ = score_images(teacher_images, records, detector)
     student_score, _ = score_images(student_images, records, detector)
     centres = np.array([foreground_centre(im) for im in teacher_images]).reshape(len(items), len(seeds), 2)
