@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 
@@ -15,3 +16,9 @@ def require_file(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise MetricUnavailable(f"{what}: weights file {path} does not exist")
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a weights file: the identity of the network in cache keys."""
+    with Path(path).open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
