@@ -117,6 +117,66 @@ def demo(
         typer.echo(line)
 
 
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Pipeline folder or hub id.")],
+    candidate: Annotated[str | None, typer.Option(help="Candidate LoRA folder.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Baseline LoRA folder (the champion; default: the base).")
+    ] = None,
+    geneval: Annotated[Path | None, typer.Option(help="GenEval metadata (.jsonl) of prompts to retain.")] = None,
+    references: Annotated[Path | None, typer.Option(help="Real images for FID against references.")] = None,
+    concept: Annotated[Path | None, typer.Option(help="The concept's data folder (images + captions).")] = None,
+    concept_prompts: Annotated[Path | None, typer.Option(help="New-scene prompts for the concept.")] = None,
+    limit: Annotated[int, typer.Option(help="Use the first N prompts of each set (0: all).")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps (the deployed setting).")] = 4,
+    images_per_prompt: Annotated[int, typer.Option(help="Images per prompt (seeds seed..seed+N-1).")] = 4,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    resolution: Annotated[int, typer.Option(help="Square image size.")] = 1024,
+    batch: Annotated[int, typer.Option(help="Images per sampling batch.")] = 16,
+    detector: Annotated[str, typer.Option(help="GenEval detector: nano or a Mask2Former folder.")] = "",
+    clip: Annotated[str, typer.Option(help="CLIP: nano or an open_clip .safetensors file.")] = "",
+    clip_arch: Annotated[str, typer.Option(help="open_clip architecture of --clip.")] = "ViT-H-14",
+    fid: Annotated[str, typer.Option(help="FID features: nano or Inception .safetensors weights.")] = "",
+    dino: Annotated[str, typer.Option(help="DINOv2 folder for DINO concept fidelity.")] = "",
+    nano: Annotated[bool, typer.Option(help="Use the nano world's networks wherever none is given.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Report folder (report.json, grids/, verdicts/).")] = Path("runs/eval"),
+) -> None:
+    """Compare the candidate, the baseline and the base on the same prompts and seeds at the deployed step count:
+    GenEval, CLIPScore, FID and concept fidelity, with deltas against the baseline and side-by-side grids."""
+    from dopsd.models import load_model
+    from evaluation.networks import NetworkPaths, load_networks
+    from evaluation.prompt_sets import concept_sets, retention_set
+    from evaluation.suite import SuiteConfig, run_suite
+
+    chosen = {"detector": detector, "clip": clip, "fid": fid}
+    defaults = NetworkPaths.nano() if nano else NetworkPaths()
+    paths = NetworkPaths(
+        **{k: v or getattr(defaults, k) for k, v in chosen.items()},
+        clip_arch=clip_arch,
+        dino=dino,
+        fid_cache=str(out / "fid_cache"),
+        device=device,
+    )
+    prompt_sets = [retention_set(geneval, references, limit)] if geneval else []
+    if concept:
+        prompt_sets += concept_sets(concept, concept_prompts, limit)
+    if not prompt_sets:
+        raise typer.BadParameter("give --geneval and/or --concept: there is nothing to evaluate on")
+    adapters = {"base": None, "baseline": baseline, "candidate": candidate}
+    adapters = {name: path for name, path in adapters.items() if name == "base" or path}
+    config = SuiteConfig(steps, images_per_prompt, seed, resolution, batch, baseline="baseline" if baseline else "base")
+    fewstep = load_model(model, device=device, with_teacher_encoder=False)
+    report = run_suite(fewstep, adapters, prompt_sets, load_networks(paths), config, out, progress=True)
+    for name, values in report.metrics.items():
+        shown = {k: round(v, 4) if v is not None else None for k, v in values.items()}
+        typer.echo(f"{name}: {json.dumps(shown)}")
+    for metric, reason in report.unavailable.items():
+        typer.echo(f"unavailable {metric}: {reason}")
+    typer.echo(f"report: {out / 'report.json'}")
+
+
 nano_app = typer.Typer(help="The nano world: the embedded few-step model and its data.", no_args_is_help=True)
 app.add_typer(nano_app, name="nano")
 

@@ -49,9 +49,8 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-def read_dataset(folder: str | Path) -> list[Example]:
-    """All (image, caption) pairs in `folder`, sorted by name, after checking every one of them."""
-    root = Path(folder)
+def image_files(root: Path) -> list[Path]:
+    """The image files directly in `root`, sorted by name."""
     if not root.is_dir():
         raise DatasetError(f"data folder {root} does not exist or is not a folder")
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -60,6 +59,13 @@ def read_dataset(folder: str | Path) -> list[Example]:
             f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); put images there, each with a "
             "same-name .txt caption"
         )
+    return images
+
+
+def read_dataset(folder: str | Path) -> list[Example]:
+    """All (image, caption) pairs in `folder`, sorted by name, after checking every one of them."""
+    root = Path(folder)
+    images = image_files(root)
     problems, examples = [], []
     for path in images:
         caption_path = path.with_suffix(".txt")
