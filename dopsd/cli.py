@@ -128,7 +128,7 @@ def evaluate(
     references: Annotated[Path | None, typer.Option(help="Real images for FID against references.")] = None,
     concept: Annotated[Path | None, typer.Option(help="The concept's data folder (images + captions).")] = None,
     concept_prompts: Annotated[Path | None, typer.Option(help="New-scene prompts for the concept.")] = None,
-    limit: Annotated[int, typer.Option(help="Use the first N prompts of each set (0: all).")] = 0,
+    limit: Annotated[int, typer.Option(help="Use the first N prompts of each GenEval task of each set (0: all).")] = 0,
     steps: Annotated[int, typer.Option(help="Sampling steps (the deployed setting).")] = 4,
     images_per_prompt: Annotated[int, typer.Option(help="Images per prompt (seeds seed..seed+N-1).")] = 4,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,

@@ -56,10 +56,24 @@ def read_prompts(path: str | Path) -> list[dict]:
     return records
 
 
+def first_per_task(records: list[dict], limit: int) -> list[dict]:
+    """The first `limit` records of each GenEval task (records without a tag count as one task); 0 keeps all."""
+    if not limit:
+        return records
+    seen: dict[str, int] = {}
+    kept = []
+    for record in records:
+        tag = str(record.get("tag", ""))
+        seen[tag] = seen.get(tag, 0) + 1
+        if seen[tag] <= limit:
+            kept.append(record)
+    return kept
+
+
 def retention_set(metadata: str | Path, references: str | Path | None = None, limit: int = 0) -> PromptSet:
-    """GenEval prompts the model already knew (the first `limit` of them, 0: all)."""
-    records = read_metadata(metadata)
-    return PromptSet("retention", records[:limit] if limit else records, read_images(references) if references else [])
+    """GenEval prompts the model already knew (the first `limit` of each task, 0: all)."""
+    records = first_per_task(read_metadata(metadata), limit)
+    return PromptSet("retention", records, read_images(references) if references else [])
 
 
 def concept_sets(data: str | Path, new_scene_prompts: str | Path | None = None, limit: int = 0) -> list[PromptSet]:
@@ -67,8 +81,7 @@ def concept_sets(data: str | Path, new_scene_prompts: str | Path | None = None, 
     examples = read_dataset(data)
     targets = [example.load_image() for example in examples]
     rewrite = [{"prompt": example.caption} for example in examples]
-    sets = [PromptSet("concept_rewrite", rewrite[:limit] if limit else rewrite, targets=targets)]
+    sets = [PromptSet("concept_rewrite", first_per_task(rewrite, limit), targets=targets)]
     if new_scene_prompts:
-        records = read_prompts(new_scene_prompts)
-        sets.append(PromptSet("concept_new", records[:limit] if limit else records, targets=targets))
+        sets.append(PromptSet("concept_new", first_per_task(read_prompts(new_scene_prompts), limit), targets=targets))
     return sets

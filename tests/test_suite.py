@@ -13,7 +13,7 @@ from dopsd.cli import app
 from dopsd.data import DatasetError
 from dopsd.models import ZImageModel
 from evaluation.networks import NetworkPaths, load_networks
-from evaluation.prompt_sets import concept_sets, read_images, read_prompts, retention_set
+from evaluation.prompt_sets import concept_sets, first_per_task, read_images, read_prompts, retention_set
 from evaluation.suite import SuiteConfig, SuiteReport, run_suite
 
 WORLD = Path(__file__).parents[1] / "data" / "nano" / "world"
@@ -31,8 +31,8 @@ def prompt_sets(tmp_path_factory):
     for i, path in enumerate(sorted((WORLD / "packs" / "teal").glob("*.png"))[:4]):
         Image.open(path).save(references / f"{i}.png")
     return [
-        retention_set(WORLD / "base_prompts.jsonl", references, limit=3),
-        *concept_sets(WORLD / "packs" / "star", WORLD / "packs" / "star_prompts.jsonl", limit=2),
+        retention_set(WORLD / "base_prompts.jsonl", references, limit=1),
+        *concept_sets(WORLD / "packs" / "star", WORLD / "packs" / "star_prompts.jsonl", limit=1),
     ]
 
 
@@ -78,7 +78,7 @@ def test_the_base_against_itself_has_zero_deltas_and_the_report_round_trips(
     grid = Image.open(tmp_path / report.grids["retention"])
     assert grid.width == 2 * 64 and grid.height > 2 * 64  # a column per model, a row per shown prompt, a header
     verdicts = (tmp_path / report.verdicts["retention/base"]).read_text().splitlines()
-    assert len(verdicts) == 3 * 2
+    assert len(verdicts) == 6 * 2  # one prompt of each of the six tasks, two seeds
     assert {json.loads(line)["seed"] for line in verdicts} == {0, 1}
 
 
@@ -132,3 +132,9 @@ def test_prompt_and_image_files_fail_with_the_file_named(tmp_path):
     (images / "b.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=r"b.png: unreadable image"):
         read_images(images)
+
+
+def test_limit_keeps_the_first_prompts_of_every_task():
+    records = [{"tag": t, "prompt": f"{t} {i}"} for i in range(3) for t in ("counting", "position")]
+    assert [r["prompt"] for r in first_per_task(records, 2)] == ["counting 0", "position 0", "counting 1", "position 1"]
+    assert first_per_task(records, 0) == records
