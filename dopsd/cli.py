@@ -251,6 +251,19 @@ def nano_detector(
         metrics.write_text(json.dumps(dc.asdict(result), indent=2))
 
 
+@nano_app.command("clip")
+def nano_clip(
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the packaged recipe's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Weights file (default: the packaged one).")] = None,
+    metrics: Annotated[Path, typer.Option(help="Held-out validation as JSON.")] = Path("metrics/nano_clip.json"),
+) -> None:
+    """Train CLIP-nano (open_clip's CLIP at a tiny config) on renders and captions; validate it on held-out renders."""
+    from evaluation.nano.clip import DEFAULT_WEIGHTS, NanoClipTraining, build_and_validate
+
+    config = NanoClipTraining() if steps is None else NanoClipTraining(steps=steps)
+    build_and_validate(config, out or DEFAULT_WEIGHTS, metrics, log=typer.echo)
+
+
 @nano_app.command("report")
 def nano_report(
     workdir: Annotated[Path, typer.Option(help="The bootstrap's work folder.")] = Path("runs/nano-bootstrap"),
