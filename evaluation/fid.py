@@ -197,7 +197,8 @@ class FrechetDistance:
         self._metric.real_features_cov_sum = reference.features_cov_sum
         self._metric.real_features_num_samples = torch.tensor(reference.num_samples)
         self._metric.update(features, real=False)
-        return float(self._metric.compute())
+        # A distance is never negative; the square root of a covariance product can dip just below 0 numerically.
+        return max(0.0, float(self._metric.compute()))
 
     def fid(self, reference: FeatureStatistics, images: Sequence[Image.Image]) -> float:
         """FID of `images` against a set's statistics: real references (`reference_statistics`) or another model's
