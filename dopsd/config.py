@@ -30,6 +30,15 @@ class TrainConfig:
     pipeline, else Qwen/Qwen3-VL-4B-Instruct)."""
     data: str = ""
     """Dataset folder: images with same-name .txt captions."""
+    replay_data: str = ""
+    """Second dataset folder mixed into every batch, e.g. renders of what the base already knew, against
+    forgetting (empty: no replay)."""
+    replay_ratio: float = 0.0
+    """Share of each batch drawn from `replay_data`: floor(batch_size * ratio) samples, plus one more with the
+    probability of the remainder, so a batch of 1 still replays at this rate on average."""
+    init_adapter: str = ""
+    """LoRA folder (as a round writes it) that student and teacher start from, e.g. the previous round's adapter in
+    a continual run; its rank, alpha and targets must be this config's (empty: start from the base)."""
     output: str = "runs/round"
     """Where checkpoints, the adapter and metrics go."""
     method: Literal["dopsd", "sft"] = "dopsd"

@@ -1,9 +1,9 @@
 """One fine-tuning round: the training loop (accelerate), its cache, its checkpoints.
 
-Everything that can fail on bad input (data folder, model, LoRA targets, resolution) is checked before the first
-step. Contexts and latents are computed once per sample and cached on disk: the teacher's VLM encoding is the
-expensive part, and a resumed round reuses them. A checkpoint holds everything needed to continue exactly:
-both adapters, the optimizer, the step, and the random generators.
+Everything that can fail on bad input (data folders, model, LoRA targets, resolution, the adapter to start from)
+is checked before the first step. Contexts and latents are computed once per sample and cached on disk: the
+teacher's VLM encoding is the expensive part, and a resumed round reuses them. A checkpoint holds everything needed
+to continue exactly: both adapters, the optimizer, the step, and the random generators.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -33,6 +34,8 @@ from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+"""The weights file of an adapter folder (diffusers' name: `pipe.load_lora_weights(folder)` finds it)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,6 +114,58 @@ def build_cache(model: FewStepModel, config: TrainConfig, examples: list[Example
     return cache
 
 
+def read_replay(config: TrainConfig) -> list[Example]:
+    """The replay examples (none when the round replays nothing), checked like the data."""
+    if not 0 <= config.replay_ratio < 1:
+        raise ValueError(f"replay_ratio must be in [0, 1), got {config.replay_ratio}")
+    if bool(config.replay_data) != (config.replay_ratio > 0):
+        raise ValueError(
+            f"replay_data ({config.replay_data!r}) and replay_ratio ({config.replay_ratio}) go together: "
+            "give a replay folder and a ratio above 0, or neither"
+        )
+    return read_dataset(config.replay_data) if config.replay_data else []
+
+
+def draw_batch(
+    n_data: int, n_replay: int, batch_size: int, replay_ratio: float, generator: torch.Generator
+) -> list[int]:
+    """Indices into the sample pool [data..., replay...]: the data's first, then the replayed ones."""
+    replayed = math.floor(batch_size * replay_ratio)
+    remainder = batch_size * replay_ratio - replayed
+    # Without replay nothing extra is drawn: the data order stays that of rounds that never replay.
+    if remainder > 0 and float(torch.rand((), generator=generator)) < remainder:
+        replayed += 1
+    index = torch.randint(n_data, (batch_size - replayed,), generator=generator).tolist()
+    if replayed:
+        index += (n_data + torch.randint(n_replay, (replayed,), generator=generator)).tolist()
+    return index
+
+
+def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
+    """Start student and teacher from a saved adapter, once its LoRA layout is checked to be this round's."""
+    path = Path(folder) / LORA_WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"init_adapter {folder}: no {LORA_WEIGHTS} there; give the adapter/ folder a round wrote")
+    with safe_open(str(path), "pt") as weights:
+        metadata = (weights.metadata() or {}).get("lora_adapter_metadata")
+    if metadata is None:
+        raise ValueError(f"init_adapter {path} holds no LoRA metadata (rank, alpha, targets); write it with a round")
+    saved = json.loads(metadata)
+    ours = adapters.adapter_metadata(transformer, adapters.STUDENT)
+    layout = {
+        "rank": (saved.get("transformer.r"), ours["r"]),
+        "alpha": (saved.get("transformer.lora_alpha"), ours["lora_alpha"]),
+        "targets": (sorted(saved.get("transformer.target_modules") or []), sorted(ours["target_modules"])),
+    }
+    mismatched = [f"{name} {theirs} (this round: {mine})" for name, (theirs, mine) in layout.items() if theirs != mine]
+    if mismatched:
+        raise ValueError(f"init_adapter {folder} does not fit this round's LoRA: it has {'; '.join(mismatched)}")
+    # diffusers files prefix every key with the pipeline component the LoRA belongs to.
+    state = {key.removeprefix("transformer."): value for key, value in load_file(str(path)).items()}
+    for name in (adapters.STUDENT, adapters.TEACHER):
+        adapters.load_adapter_state(transformer, name, state)
+
+
 def checkpoint_dirs(output: Path) -> list[Path]:
     complete = [p for p in (output / CHECKPOINTS).glob("step-*") if p.name[len("step-") :].isdigit()]
     return sorted(complete, key=lambda p: int(p.name[len("step-") :]))
@@ -168,12 +223,15 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     output = Path(config.output)
     device = accelerator.device
     examples = read_dataset(config.data)  # every data problem surfaces before a model is loaded
+    replay = read_replay(config)
     model = build_model(config, device)
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
     targets = config.targets_list() or list(model.default_lora_targets)
     torch.manual_seed(config.seed)  # LoRA A init: identical on every process
     adapters.add_student_teacher(transformer, config.lora_rank, config.lora_alpha, targets)
+    if config.init_adapter:
+        load_init_adapter(transformer, config.init_adapter)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     trainable = [p for p in transformer.parameters() if p.requires_grad]
@@ -184,7 +242,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     pairs = adapters.adapter_pairs(transformer)
 
     with accelerator.main_process_first():
-        cache = build_cache(model, config, examples, device)
+        cache = build_cache(model, config, examples + replay, device)
     if device.type == "cuda":
         # Everything the round needs from the encoders is cached: give their memory to the transformer.
         for module in model.encoder_modules():
@@ -214,7 +272,6 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     def backward_share(loss: torch.Tensor, last_rollout_step: bool, final_micro: bool) -> None:
         backward(loss / config.grad_accum, last_rollout_step and final_micro)
 
-    n = cache.latents.shape[0]
     progress = tqdm(
         total=config.steps,
         initial=step,
@@ -225,7 +282,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         step_loss = 0.0
         for micro in range(config.grad_accum):
             last_micro = micro == config.grad_accum - 1
-            index = torch.randint(n, (config.batch_size,), generator=generators["data"]).tolist()
+            index = draw_batch(len(examples), len(replay), config.batch_size, config.replay_ratio, generators["data"])
             latents = cache.latents[index]
             noise = torch.randn(latents.shape, generator=generators["noise"]).to(device)
             student = [cache.student[i] for i in index]

@@ -1,5 +1,6 @@
-"""The training round: bad input stops early, resume is exact, divergence keeps the last checkpoint, and the real
-program runs (CLI, accelerate with two processes)."""
+"""The training round: bad input stops early, resume is exact, divergence keeps the last checkpoint, a round can
+start from an earlier adapter and replay a second dataset, and the real program runs (CLI, accelerate with two
+processes)."""
 
 import os
 import subprocess
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, read_dataset
 from dopsd.preview import pipeline_images
-from dopsd.train import TrainingDiverged, checkpoint_dirs, train
+from dopsd.train import LORA_WEIGHTS, TrainingDiverged, cache_path, checkpoint_dirs, draw_batch, train
 from tests.conftest import write_dataset
 
 BIN = Path(sys.executable).parent
@@ -21,6 +22,24 @@ BIN = Path(sys.executable).parent
 
 def tiny_config(model, data, output, **overrides):
     return make_config("tiny", model=model, data=str(data), output=str(output), **overrides)
+
+
+def write_replay(folder, count=2, size=32):
+    """A second dataset unlike `write_dataset`'s: red circles with their own captions."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+        ImageDraw.Draw(image).ellipse((4, 4 + i, 20, 20 + i), fill=(220, 30, 30))
+        image.save(folder / f"old_{i}.png")
+        (folder / f"old_{i}.txt").write_text(f"a red circle number {i}")
+    return folder
+
+
+def lora_weights(folder):
+    """An adapter file's tensors under PEFT's adapter-free names (as checkpoints hold them)."""
+    return {key.removeprefix("transformer."): value for key, value in load_file(str(folder / LORA_WEIGHTS)).items()}
 
 
 def test_data_problems_are_named_before_training(tmp_path, tiny_zimage_path):
@@ -49,12 +68,17 @@ def test_data_problems_are_named_before_training(tmp_path, tiny_zimage_path):
     assert "link.png: links outside the data folder" in message
 
 
-def test_resume_matches_an_uninterrupted_round(tmp_path, tiny_zimage_path, dataset):
-    straight = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "a", steps=6, checkpoint_every=3))
+@pytest.mark.parametrize("replay_ratio", [0.0, 0.3])
+def test_resume_matches_an_uninterrupted_round(tmp_path, tiny_zimage_path, dataset, replay_ratio):
+    # With a batch of 2, a ratio of 0.3 replays one sample with probability 0.6: the draw is part of the state.
+    replay = (
+        {"replay_data": str(write_replay(tmp_path / "replay")), "replay_ratio": replay_ratio} if replay_ratio else {}
+    )
+    straight = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "a", steps=6, checkpoint_every=3, **replay))
     half = tmp_path / "b"
-    train(tiny_config(tiny_zimage_path, dataset, half, steps=3, checkpoint_every=3))
+    train(tiny_config(tiny_zimage_path, dataset, half, steps=3, checkpoint_every=3, **replay))
     assert [p.name for p in checkpoint_dirs(half)] == ["step-000003"]
-    resumed = train(tiny_config(tiny_zimage_path, dataset, half, steps=6, checkpoint_every=3))
+    resumed = train(tiny_config(tiny_zimage_path, dataset, half, steps=6, checkpoint_every=3, **replay))
     a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
@@ -72,6 +96,60 @@ def test_sft_round_and_grad_steps_run(tmp_path, tiny_zimage_path, dataset):
     assert [s for s, _ in metrics] == [1, 2, 3, 4] and all(m["loss"] > 0 for _, m in metrics)
     assert (adapter / "pytorch_lora_weights.safetensors").is_file()
     train(tiny_config(tiny_zimage_path, dataset, tmp_path / "sub", steps=2, grad_steps=2, backward_per_step=False))
+
+
+def test_a_round_starts_from_its_init_adapter(tmp_path, tiny_zimage_path, dataset):
+    first = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "first", steps=2))
+    start = lora_weights(first)
+    assert any(start[k].abs().sum() > 0 for k in start if "lora_B" in k)  # not the base
+    # At lr 0 the round cannot move: what it ends with, student and EMA teacher alike, is what it started from.
+    still = tmp_path / "still"
+    train(tiny_config(tiny_zimage_path, dataset, still, steps=1, lr=0.0, init_adapter=str(first)))
+    teacher = load_file(str(checkpoint_dirs(still)[-1] / "teacher.safetensors"))
+    for ended in (lora_weights(still / "adapter"), teacher):
+        assert ended.keys() == start.keys()
+        for key in start:
+            torch.testing.assert_close(ended[key], start[key], rtol=0, atol=0)
+
+    with pytest.raises(
+        ValueError, match=r"does not fit .*rank 4 \(this round: 2\); .*targets .*'w3'.*this round: \['to_q'\]"
+    ):
+        train(
+            tiny_config(
+                tiny_zimage_path, dataset, tmp_path / "r2", lora_rank=2, lora_targets="to_q", init_adapter=str(first)
+            )
+        )
+    with pytest.raises(ValueError, match=f"no {LORA_WEIGHTS} there"):
+        train(tiny_config(tiny_zimage_path, dataset, tmp_path / "r3", init_adapter=str(tmp_path / "first")))
+
+
+def test_replay_takes_its_share_of_every_batch():
+    generator = torch.Generator().manual_seed(0)
+    batches = [draw_batch(10, 5, 8, 0.25, generator) for _ in range(50)]
+    assert all(len(b) == 8 and sum(i >= 10 for i in b) == 2 for b in batches)
+    assert {i for b in batches for i in b} == set(range(15))  # every sample of both sets comes up
+    singles = [draw_batch(10, 5, 1, 0.25, generator)[0] >= 10 for _ in range(2000)]
+    assert 0.2 < sum(singles) / len(singles) < 0.3  # a batch of 1 replays at the ratio on average (5 sigma)
+    plain, unused = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    # No replay draws nothing extra: rounds without replay see the data in the order they always did.
+    assert [draw_batch(10, 0, 8, 0.0, unused) for _ in range(5)] == [
+        torch.randint(10, (8,), generator=plain).tolist() for _ in range(5)
+    ]
+
+
+def test_a_round_trains_on_its_replay_data(tmp_path, tiny_zimage_path, dataset):
+    replay = write_replay(tmp_path / "replay")
+    with pytest.raises(ValueError, match="go together"):
+        train(tiny_config(tiny_zimage_path, dataset, tmp_path / "none", replay_ratio=0.5))
+    assert not (tmp_path / "none").exists()  # stopped before anything started
+    plain = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "plain", steps=2))
+    config = tiny_config(
+        tiny_zimage_path, dataset, tmp_path / "mixed", steps=2, replay_data=str(replay), replay_ratio=0.5
+    )
+    mixed = train(config)
+    assert cache_path(config, read_dataset(dataset) + read_dataset(replay)).is_file()  # both sets were encoded
+    a, b = lora_weights(plain), lora_weights(mixed)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, tiny_zimage_path):
@@ -237,8 +315,6 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path, tiny_zimage_path, da
 
 
 def test_cache_follows_the_data(tmp_path, tiny_zimage_path, dataset):
-    from dopsd.train import cache_path
-
     config = tiny_config(tiny_zimage_path, dataset, tmp_path / "c", steps=1)
     before = cache_path(config, read_dataset(dataset))
     train(config)
