@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dopsd.models.tiny import build_tiny_flux2_klein, build_tiny_zimage
+from dopsd.nano.bootstrap import BootstrapConfig, bootstrap
 
 torch.set_num_threads(2)
 
@@ -21,6 +22,36 @@ def tiny_zimage_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_klein_path(tmp_path_factory):
     return str(build_tiny_flux2_klein(tmp_path_factory.mktemp("tiny_klein")))
+
+
+def tiny_bootstrap_config(workdir, **overrides) -> BootstrapConfig:
+    """Every bootstrap stage at a budget of a few steps: the code paths run, the weights barely move."""
+    values = dict(
+        workdir=str(workdir),
+        vae_steps=2,
+        vae_batch=4,
+        pretrain_steps=2,
+        pretrain_batch=4,
+        pool_size=16,
+        pool_refresh=2,
+        distill_steps=2,
+        distill_batch=2,
+        teacher_steps=4,
+        teacher_pairs=4,
+        refresh_every=2,
+        checkpoint_every=1,
+        threads=1,
+    )
+    return BootstrapConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_nano_bootstrap(tmp_path_factory) -> BootstrapConfig:
+    """A nano model bootstrapped through every stage at the tiny budget."""
+    config = tiny_bootstrap_config(tmp_path_factory.mktemp("nano") / "boot")
+    bootstrap(config, log=lambda line: None)
+    torch.set_num_threads(2)  # the bootstrap set its own thread count
+    return config
 
 
 def write_dataset(folder, count=4, size=32):

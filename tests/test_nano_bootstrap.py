@@ -7,32 +7,13 @@ from diffusers import ZImagePipeline
 from safetensors.torch import load_file
 
 from dopsd.models import load_model
-from dopsd.nano.bootstrap import BootstrapConfig, bootstrap
+from dopsd.nano.bootstrap import bootstrap
 from dopsd.nano.model import NANO_RESOLUTION
-
-
-def tiny_budget(workdir, **overrides):
-    values = dict(
-        workdir=str(workdir),
-        vae_steps=2,
-        vae_batch=4,
-        pretrain_steps=2,
-        pretrain_batch=4,
-        pool_size=16,
-        pool_refresh=2,
-        distill_steps=2,
-        distill_batch=2,
-        teacher_steps=4,
-        teacher_pairs=4,
-        refresh_every=2,
-        checkpoint_every=1,
-        threads=1,
-    )
-    return BootstrapConfig(**{**values, **overrides})
+from tests.conftest import tiny_bootstrap_config
 
 
 def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
-    config = tiny_budget(tmp_path / "boot")
+    config = tiny_bootstrap_config(tmp_path / "boot")
     logs = []
     bootstrap(config, stages=("vae", "pretrain"), log=logs.append)
     done = json.loads((tmp_path / "boot" / "done.json").read_text())
@@ -41,14 +22,14 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert vae_config["scaling_factor"] != 1.0  # latents normalised from the trained encoder
     pretrained = load_file(str(tmp_path / "boot" / "checkpoints" / "pretrain" / "transformer.safetensors"))
 
-    more = tiny_budget(tmp_path / "boot", distill_steps=3)
+    more = tiny_bootstrap_config(tmp_path / "boot", distill_steps=3)
     bootstrap(more, log=logs.append)  # skips finished stages, runs distill
     assert any(line.startswith("distill: step 3/3") for line in logs)
     assert not any(line.startswith("pretrain: resuming") for line in logs)
     before = len(logs)
-    bootstrap(tiny_budget(tmp_path / "boot", pretrain_steps=3), log=logs.append)
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append)
     assert len(logs) == before  # finished stages are not run again
-    bootstrap(tiny_budget(tmp_path / "boot", pretrain_steps=3), stages=("pretrain",), log=logs.append)
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), stages=("pretrain",), log=logs.append)
     assert "pretrain: resuming at step 2" in logs and "pretrain: step 3/3" in " ".join(logs)
     assert list(json.loads((tmp_path / "boot" / "done.json").read_text())) == ["vae", "pretrain"]  # distill again
 
@@ -67,12 +48,10 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert model.teacher_encoder is not None
 
 
-def test_base_report_from_a_tiny_bootstrap(tmp_path):
+def test_base_report_from_a_tiny_bootstrap(tmp_path, tiny_nano_bootstrap):
     from evaluation.nano.base_report import write_base_report
     from evaluation.nano.detector import NanoDetector
 
-    config = tiny_budget(tmp_path / "boot")
-    bootstrap(config, log=lambda line: None)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}\n'
@@ -80,7 +59,7 @@ def test_base_report_from_a_tiny_bootstrap(tmp_path):
         '"count": 3}], "prompt": "a photo of two squares"}\n'
     )
     out = tmp_path / "reports" / "nano_base.md"
-    metrics = write_base_report(tmp_path / "boot", prompts, NanoDetector.load(), out, "test", seeds=[0])
+    metrics = write_base_report(tiny_nano_bootstrap.workdir, prompts, NanoDetector.load(), out, "test", seeds=[0])
     assert set(metrics["geneval_nano"]) == {"distilled@4", "undistilled@4", "undistilled@32"}
     assert [p["pack"] for p in metrics["premise"]] == ["star", "teal", "striped"]
     assert all(p["samples"] == 24 for p in metrics["premise"])

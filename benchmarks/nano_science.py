@@ -1,0 +1,504 @@
+"""The nano science benchmark: does D-OPSD learn a new concept at few steps while keeping what the base knew, where
+ordinary fine-tuning (SFT) loses few-step quality?
+
+For each concept pack, from the nano base, every arm trains one round per seed with identical budgets (the `nano`
+preset's steps, lr and LoRA rank; optional replay of base-world renders):
+- `sft`: flow-matching fine-tuning on the pack;
+- `dopsd`: D-OPSD with the EMA teacher (the method);
+- `dopsd-base-teacher`: the frozen base as teacher (ablation);
+- `dopsd-grad1`: gradient through one random roll-out state per step instead of all four (ablation).
+Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts and noise (the evaluation
+suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
+base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
+run: the packs applied one after another as rounds, each starting from the previous adapter, with every pack's
+accuracy tracked after every round. Spreads are across training seeds.
+
+Everything lands in a work folder and is reused when present: a crashed run resumes where it stopped (a round from
+its last checkpoint). The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
+
+    .venv/bin/python benchmarks/nano_science.py                          # all packs, arms, seeds; hours on a CPU
+    .venv/bin/python benchmarks/nano_science.py --seeds 0 --packs star    # one pack, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dopsd.config import TrainConfig, coerce, field_docs, make_config
+from dopsd.models import load_model
+from dopsd.nano.bootstrap import WorldStream
+from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
+from dopsd.nano.scenes import iterate_items
+from dopsd.nano.world import Vocabulary, render
+from dopsd.train import train
+from evaluation.networks import NetworkPaths, load_networks
+from evaluation.prompt_sets import read_images, read_prompts, retention_set
+from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
+
+ARMS: dict[str, dict] = {
+    "sft": {"method": "sft"},
+    "dopsd": {"method": "dopsd", "teacher": "ema"},
+    "dopsd-base-teacher": {"method": "dopsd", "teacher": "base"},
+    "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
+}
+"""Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
+
+METRICS = {
+    "concept": "concept/geneval/overall",
+    "retention": "retention/geneval/overall",
+    "fid": "retention/fid/reference",
+    "clipscore": "retention/clipscore",
+}
+"""Reported metric -> the suite's name for it."""
+BASE = "base"
+
+
+@dataclass
+class ScienceConfig:
+    model: str = "data/nano/model"
+    """The nano base: a Z-Image pipeline folder with its teacher encoder (`dopsd nano bootstrap --export-to`)."""
+    world: str = "data/nano/world"
+    """World folder (`dopsd nano world`): base_prompts.jsonl, packs/<pack>/ and packs/<pack>_prompts.jsonl."""
+    packs: str = "star,teal,striped"
+    """Comma-separated concept packs, in the continual run's order."""
+    arms: str = "sft,dopsd,dopsd-base-teacher,dopsd-grad1"
+    """Comma-separated arms (see ARMS)."""
+    seeds: str = "0,1,2"
+    """Comma-separated training seeds: every arm trains once per seed, and spreads are taken across them."""
+    preset: str = "nano"
+    """Training preset every round starts from."""
+    round_steps: int = 0
+    """Training steps of every round (0: the preset's)."""
+    round_batch: int = 0
+    """Batch size of every round (0: the preset's)."""
+    replay_ratio: float = 0.0
+    """Share of each training batch replaying base-world renders (0: no replay)."""
+    replay_images: int = 64
+    """Base-world renders written for replay (with training phrasing, never the held-out prompts)."""
+    eval_steps: str = "1,2,4,8"
+    """Comma-separated sampling step counts every model is evaluated at."""
+    eval_images: int = 2
+    """Images per prompt (noise seeds 0..N-1, the same for every model)."""
+    prompt_limit: int = 0
+    """Keep the first N base prompts of each GenEval task for retention (0: all)."""
+    reference_images: int = 512
+    """World renders that FID-nano compares the base prompts' samples against."""
+    continual_arms: str = "sft,dopsd"
+    """Comma-separated arms of the continual run (empty: no continual run)."""
+    deployed_steps: int = 4
+    """Step count of the continual run's evaluation and of the headline figures."""
+    workdir: str = "runs/nano-science"
+    """Rounds, evaluations and generated data; reused when present."""
+    out: str = "reports/nano_science.md"
+    """The Markdown report (JSON beside it, plots in a folder of the same name)."""
+
+    def names(self, field: str) -> list[str]:
+        return [v.strip() for v in getattr(self, field).split(",") if v.strip()]
+
+    def numbers(self, field: str) -> list[int]:
+        return [int(v) for v in self.names(field)]
+
+
+def check(config: ScienceConfig) -> None:
+    """Every input problem, named before hours of training start."""
+    problems = [
+        f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
+        for a in config.names("arms") + config.names("continual_arms")
+        if a not in ARMS
+    ]
+    world = Path(config.world)
+    for required in ["base_prompts.jsonl"] + [f"packs/{p}_prompts.jsonl" for p in config.names("packs")]:
+        if not (world / required).is_file():
+            problems.append(f"{world / required} is missing (write the world with `dopsd nano world`)")
+    problems += [
+        f"{world / 'packs' / p} is not a folder" for p in config.names("packs") if not (world / "packs" / p).is_dir()
+    ]
+    if not (Path(config.model) / "model_index.json").is_file():
+        problems.append(f"{config.model} holds no pipeline (build it with `dopsd nano bootstrap --export-to`)")
+    if config.deployed_steps not in config.numbers("eval_steps"):
+        problems.append(f"deployed_steps {config.deployed_steps} is not among eval_steps {config.eval_steps}")
+    if problems:
+        raise SystemExit("nano_science: " + "; ".join(problems))
+
+
+def write_landing_folder(folder: Path, items: list[tuple]) -> Path:
+    """Images and same-name captions, the data landing format a round reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (scene, caption) in enumerate(items):
+        render(scene).save(folder / f"world_{i:04d}.png")
+        (folder / f"world_{i:04d}.txt").write_text(caption + "\n")
+    return folder
+
+
+def replay_folder(config: ScienceConfig) -> str:
+    if config.replay_ratio <= 0:
+        return ""
+    folder = Path(config.workdir) / "replay"
+    if not folder.is_dir():
+        write_landing_folder(folder, WorldStream(seed=777).batch(config.replay_images))
+    return str(folder)
+
+
+def round_config(
+    config: ScienceConfig, arm: str, pack: str, seed: int, output: Path, init_adapter: str = ""
+) -> TrainConfig:
+    replay = replay_folder(config)
+    return make_config(
+        config.preset,
+        model=config.model,
+        data=str(Path(config.world) / "packs" / pack),
+        output=str(output),
+        seed=seed,
+        steps=config.round_steps or None,
+        batch_size=config.round_batch or None,
+        replay_data=replay,
+        replay_ratio=config.replay_ratio if replay else 0.0,
+        init_adapter=init_adapter,
+        **ARMS[arm],
+    )
+
+
+def run_round(train_config: TrainConfig) -> tuple[str, float]:
+    """Train (or resume, or reuse) one round; returns its adapter folder and its training seconds."""
+    output = Path(train_config.output)
+    record = output / "round.json"
+    if record.is_file() and json.loads(record.read_text())["config"] == dataclasses.asdict(train_config):
+        done = json.loads(record.read_text())
+        return done["adapter"], done["seconds"]
+    start = time.time()
+    adapter = train(train_config)
+    seconds = time.time() - start
+    record.write_text(
+        json.dumps({"adapter": str(adapter), "seconds": seconds, "config": dataclasses.asdict(train_config)})
+    )
+    return str(adapter), seconds
+
+
+class Evaluation:
+    """The suite runs of the benchmark: every network loaded once, the prompt sets read once, reports reused."""
+
+    def __init__(self, config: ScienceConfig):
+        self.config = config
+        workdir = Path(config.workdir)
+        self.evaluators: Evaluators = load_networks(NetworkPaths.nano(fid_cache=str(workdir / "fid_cache")))
+        world = Path(config.world)
+        self.retention = retention_set(world / "base_prompts.jsonl", limit=config.prompt_limit)
+        items = itertools.islice(iterate_items(Vocabulary(), seed=4321), config.reference_images)
+        self.retention.references = [render(item.scene) for item in items]
+        self.concepts = {
+            pack: PromptSet(
+                f"concept-{pack}",
+                read_prompts(world / "packs" / f"{pack}_prompts.jsonl"),
+                targets=read_images(world / "packs" / pack),
+            )
+            for pack in config.names("packs")
+        }
+
+    def grids(self, name: str, report: SuiteReport, steps: int) -> dict[str, Path]:
+        """The suite run's sample grids (prompt set -> PNG in the work folder)."""
+        out = Path(self.config.workdir) / "eval" / name / f"steps-{steps}"
+        return {prompt_set: out / grid for prompt_set, grid in report.grids.items()}
+
+    def run(self, name: str, adapters: dict[str, str | None], prompt_sets: list[PromptSet], steps: int) -> SuiteReport:
+        out = Path(self.config.workdir) / "eval" / name / f"steps-{steps}"
+        report_file = out / "report.json"
+        suite = SuiteConfig(steps, self.config.eval_images, 0, NANO_RESOLUTION, 64, baseline=BASE)
+        if report_file.is_file():
+            report = SuiteReport.read(report_file)
+            if report.models == adapters and report.config == suite:
+                return report
+        model = load_model(self.config.model, max_caption_tokens=NANO_CAPTION_TOKENS, with_teacher_encoder=False)
+        return run_suite(model, adapters, prompt_sets, self.evaluators, suite, out)
+
+    @staticmethod
+    def pack_metrics(pack: str, report: SuiteReport, model: str) -> dict[str, float | None]:
+        """The reported metrics of one model in a pack's suite run (the concept set is named after its pack)."""
+        values = report.metrics[model]
+        return {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
+
+
+def spread(values: list[float | None]) -> dict:
+    """Mean and standard deviation across seeds; a metric missing for any seed is missing."""
+    if not values or any(v is None for v in values):
+        return {"mean": None, "std": None, "n": len(values)}
+    array = np.array(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std()), "n": len(values)}
+
+
+def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) -> dict:
+    """Every arm x seed on one pack, evaluated at every step count: metric -> arm -> steps -> spread."""
+    workdir = Path(config.workdir)
+    adapters: dict[str, str | None] = {BASE: None}
+    seconds: dict[str, list[float]] = {}
+    for arm in config.names("arms"):
+        for seed in config.numbers("seeds"):
+            adapter, took = run_round(
+                round_config(config, arm, pack, seed, workdir / "rounds" / pack / f"{arm}-s{seed}")
+            )
+            adapters[f"{arm}-s{seed}"] = adapter
+            seconds.setdefault(arm, []).append(took)
+            log(f"{pack}: {arm} seed {seed} trained ({took:.0f} s)")
+    results: dict = {"metrics": {}, "round_seconds": {arm: spread(s) for arm, s in seconds.items()}}
+    sets = [evaluation.retention, evaluation.concepts[pack]]
+    for steps in config.numbers("eval_steps"):
+        report = evaluation.run(pack, adapters, sets, steps)
+        log(f"{pack}: evaluated at {steps} steps")
+        if steps == config.deployed_steps:
+            results["grids"] = evaluation.grids(pack, report, steps)
+        for arm in [BASE, *config.names("arms")]:
+            models = [BASE] if arm == BASE else [f"{arm}-s{seed}" for seed in config.numbers("seeds")]
+            per_seed = [evaluation.pack_metrics(pack, report, m) for m in models]
+            for key in METRICS:
+                results["metrics"].setdefault(key, {}).setdefault(arm, {})[steps] = spread([v[key] for v in per_seed])
+    return results
+
+
+def continual_study(config: ScienceConfig, evaluation: Evaluation, log) -> tuple[dict, dict[str, Path]]:
+    """Packs as successive rounds, each from the previous adapter: arm -> after pack -> metric -> spread, and the
+    sample grids."""
+    packs, seeds = config.names("packs"), config.numbers("seeds")
+    adapters: dict[str, str | None] = {BASE: None}
+    for arm in config.names("continual_arms"):
+        for seed in seeds:
+            previous = ""
+            for pack in packs:
+                output = Path(config.workdir) / "continual" / f"{arm}-s{seed}" / pack
+                previous, _ = run_round(round_config(config, arm, pack, seed, output, init_adapter=previous))
+                adapters[f"{arm}-s{seed}-after-{pack}"] = previous
+            log(f"continual: {arm} seed {seed} trained through {', '.join(packs)}")
+    sets = [evaluation.retention, *evaluation.concepts.values()]
+    report = evaluation.run("continual", adapters, sets, config.deployed_steps)
+    grids = evaluation.grids("continual", report, config.deployed_steps)
+    tracked = [f"concept-{p}/geneval/overall" for p in packs] + [METRICS["retention"]]
+    results: dict = {BASE: {after: {m: spread([report.metrics[BASE][m]]) for m in tracked} for after in packs}}
+    for arm in config.names("continual_arms"):
+        results[arm] = {
+            after: {m: spread([report.metrics[f"{arm}-s{s}-after-{after}"][m] for s in seeds]) for m in tracked}
+            for after in packs
+        }
+    return results, grids
+
+
+def shown(value: dict, digits: int = 3) -> str:
+    if value["mean"] is None:
+        return "missing"
+    return (
+        f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}" if value["n"] > 1 else f"{value['mean']:.{digits}f}"
+    )
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: Path) -> Path:
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot().close(figure)
+    return path
+
+
+def errorbars(axis, xs: list, values: list[dict], label: str) -> None:
+    shown_at = [(x, v) for x, v in zip(xs, values, strict=True) if v["mean"] is not None]
+    axis.errorbar(
+        [x for x, _ in shown_at],
+        [v["mean"] for _, v in shown_at],
+        yerr=[v["std"] for _, v in shown_at],
+        marker="o",
+        capsize=3,
+        label=label,
+    )
+
+
+def plot_pack(pack: str, study: dict, path: Path) -> Path:
+    """Concept accuracy and retention against sampling steps, one line per arm."""
+    figure, axes = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    for axis, key, title in zip(axes, ("concept", "retention"), (f"new concept: {pack}", "retention"), strict=True):
+        steps = list(study["metrics"][key][BASE])
+        for arm, by_steps in study["metrics"][key].items():
+            errorbars(axis, steps, [by_steps[s] for s in steps], arm)
+        axis.set(xscale="log", xlabel="sampling steps", ylabel="GenEval-nano accuracy", title=title, ylim=(-0.02, 1.02))
+        axis.minorticks_off()
+        axis.set_xticks(steps, labels=[str(s) for s in steps])
+    axes[1].legend(fontsize=7)
+    return save_figure(figure, path)
+
+
+def plot_continual(continual: dict, path: Path) -> Path:
+    """Every pack's accuracy and retention from the base through each round, one panel per arm."""
+    arms = [arm for arm in continual if arm != BASE]
+    figure, axes = pyplot().subplots(1, len(arms), figsize=(4.5 * len(arms), 3.5), squeeze=False)
+    for axis, arm in zip(axes[0], arms, strict=True):
+        rounds = list(continual[arm])
+        for metric in continual[arm][rounds[0]]:
+            values = [continual[BASE][rounds[0]][metric]] + [continual[arm][r][metric] for r in rounds]
+            errorbars(axis, list(range(len(values))), values, metric.split("/")[0])
+        axis.set_xticks(range(len(rounds) + 1), labels=[BASE] + [f"after {r}" for r in rounds])
+        axis.set(ylabel="GenEval-nano accuracy", title=f"continual: {arm}", ylim=(-0.02, 1.02))
+        axis.legend(fontsize=7)
+    return save_figure(figure, path)
+
+
+def render_markdown(results: dict) -> str:
+    config, deployed = results["config"], results["config"]["deployed_steps"]
+    arms = [BASE, *ScienceConfig(**config).names("arms")]
+    lines = [
+        "# Nano science benchmark",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}; {results['seconds']:.0f} s in this run (reused work not counted); "
+        f"{results['date']}.",
+        "",
+        f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm; training seeds "
+        f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}. Evaluation: "
+        f"{config['eval_images']} image(s) per prompt on the same noise for every model; retention on "
+        f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
+        f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "
+        f"{config['reference_images']} world renders.",
+        "",
+        f"## At {deployed} steps (the deployed setting)",
+        "",
+        "| pack | model | concept accuracy | retention | FID-nano | CLIPScore-nano | round seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for pack, study in results["packs"].items():
+        for arm in arms:
+            values = [shown(study["metrics"][key][arm][deployed]) for key in ("concept", "retention")]
+            values += [
+                shown(study["metrics"]["fid"][arm][deployed], 1),
+                shown(study["metrics"]["clipscore"][arm][deployed]),
+            ]
+            took = shown(study["round_seconds"][arm], 0) if arm in study["round_seconds"] else "-"
+            lines.append(f"| {pack} | {arm} | {' | '.join(values)} | {took} |")
+    for pack, study in results["packs"].items():
+        steps = list(study["metrics"]["concept"][BASE])
+        lines += [
+            "",
+            f"## {pack}: accuracy by sampling steps",
+            "",
+            "| model | "
+            + " | ".join(f"concept @{s}" for s in steps)
+            + " | "
+            + " | ".join(f"retention @{s}" for s in steps)
+            + " |",
+            "| --- |" + " --- |" * (2 * len(steps)),
+        ]
+        for arm in arms:
+            cells = [shown(study["metrics"][key][arm][s]) for key in ("concept", "retention") for s in steps]
+            lines.append(f"| {arm} | {' | '.join(cells)} |")
+        lines += ["", f"![{pack}]({study['plot']})", "", grid_links(study["grids"], deployed)]
+    if results.get("continual"):
+        continual = results["continual"]
+        tracked = list(next(iter(next(iter(continual.values())).values())))
+        lines += [
+            "",
+            f"## Continual run (packs in order, each round from the previous adapter; at {deployed} steps)",
+            "",
+            "| model | after round | " + " | ".join(m.split("/")[0] for m in tracked) + " |",
+            "| --- | --- |" + " --- |" * len(tracked),
+        ]
+        for arm, rounds in continual.items():
+            shown_rounds = list(rounds)[:1] if arm == BASE else list(rounds)
+            for after in shown_rounds:
+                label = "-" if arm == BASE else after
+                lines.append(f"| {arm} | {label} | " + " | ".join(shown(rounds[after][m]) for m in tracked) + " |")
+        lines += [
+            "",
+            f"![continual]({results['continual_plot']})",
+            "",
+            grid_links(results["continual_grids"], deployed),
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def grid_links(grids: dict[str, str], steps: int) -> str:
+    return f"Samples at {steps} steps (first noise seed of each prompt, one column per model): " + ", ".join(
+        f"[{prompt_set}]({path})" for prompt_set, path in grids.items()
+    )
+
+
+def keep_grids(grids: dict[str, Path], folder: Path, prefix: str, report_dir: Path) -> dict[str, str]:
+    """Copy a suite run's grids beside the report (the work folder is not kept); links relative to the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = {}
+    for prompt_set, grid in grids.items():
+        copy = Path(shutil.copy(grid, folder / f"{prefix}_{prompt_set}.png"))
+        kept[prompt_set] = str(copy.relative_to(report_dir))
+    return kept
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{device}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
+
+
+def run(config: ScienceConfig, command: str, log=print) -> dict:
+    check(config)
+    start = time.time()
+    out = Path(config.out)
+    plots = out.with_suffix("")
+    evaluation = Evaluation(config)
+    preset = make_config(config.preset, steps=config.round_steps or None, batch_size=config.round_batch or None)
+    results: dict = {
+        "command": command,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "config": dataclasses.asdict(config),
+        "round": f"{preset.steps} steps, batch {preset.batch_size}, lr {preset.lr}, LoRA rank {preset.lora_rank}",
+        "prompts": {
+            "retention": len(evaluation.retention.records),
+            "concepts": {p: len(s.records) for p, s in evaluation.concepts.items()},
+        },
+        "packs": {},
+    }
+    for pack in config.names("packs"):
+        study = pack_study(config, evaluation, pack, log)
+        study["plot"] = str(plot_pack(pack, study, plots / f"{pack}.png").relative_to(out.parent))
+        study["grids"] = keep_grids(study["grids"], plots, pack, out.parent)
+        results["packs"][pack] = study
+    if config.names("continual_arms"):
+        results["continual"], grids = continual_study(config, evaluation, log)
+        results["continual_grids"] = keep_grids(grids, plots, "continual", out.parent)
+        plot = plot_continual(results["continual"], plots / "continual.png")
+        results["continual_plot"] = str(plot.relative_to(out.parent))
+    results["seconds"] = time.time() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(results))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def parse_args(argv: list[str]) -> ScienceConfig:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    docs = field_docs(ScienceConfig)
+    for field in dataclasses.fields(ScienceConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default, help=docs.get(field.name, ""))
+    values = vars(parser.parse_args(argv))
+    return ScienceConfig(**{name: coerce(name, value, ScienceConfig) for name, value in values.items()})
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    run(parse_args(arguments), "python benchmarks/nano_science.py " + shlex.join(arguments))

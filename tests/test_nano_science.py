@@ -1,0 +1,89 @@
+"""The science benchmark runs as a program at a tiny budget: every arm, seed and pack trains, every model is scored
+at every step count, the continual run chains its rounds, and a second run reuses all of it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dopsd.nano.packs import PACKS, write_pack, write_pack_prompts
+from dopsd.nano.scenes import prompt_set, write_jsonl
+from dopsd.nano.world import Vocabulary
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
+
+
+def write_tiny_world(folder):
+    write_jsonl(prompt_set(Vocabulary(), per_task=1, seed=0), folder / "base_prompts.jsonl")
+    for pack in PACKS[:2]:
+        write_pack(pack, folder / "packs" / pack.name, count=4)
+        write_pack_prompts(pack, folder / "packs" / f"{pack.name}_prompts.jsonl", count=2)
+    return folder
+
+
+def science(*options, check=True):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *options], capture_output=True, text=True, check=check, timeout=900
+    )
+
+
+def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap):
+    world = write_tiny_world(tmp_path / "world")
+    out = tmp_path / "reports" / "science.md"
+    options = [
+        f"--model={tiny_nano_bootstrap.model_dir}",
+        f"--world={world}",
+        "--packs=star,teal",
+        "--arms=sft,dopsd",
+        "--seeds=0,1",
+        "--round-steps=2",
+        "--round-batch=2",
+        "--replay-ratio=0.5",
+        "--replay-images=4",
+        "--eval-steps=1,4",
+        "--eval-images=1",
+        "--reference-images=8",
+        "--continual-arms=dopsd",
+        f"--workdir={tmp_path / 'work'}",
+        f"--out={out}",
+    ]
+    bad = science(*options, "--arms=sft,dpo", "--packs=star,nothing", check=False)
+    assert bad.returncode != 0
+    assert "unknown arm 'dpo'" in bad.stderr and "packs/nothing_prompts.jsonl is missing" in bad.stderr
+    assert not (tmp_path / "work").exists()  # named before anything ran
+
+    science(*options)
+    results = json.loads(out.with_suffix(".json").read_text())
+    for pack in ("star", "teal"):
+        study = results["packs"][pack]
+        for key in ("concept", "retention", "clipscore"):
+            for arm in ("base", "sft", "dopsd"):
+                for steps in ("1", "4"):
+                    value = study["metrics"][key][arm][steps]
+                    assert value["n"] == (1 if arm == "base" else 2)
+                    assert value["mean"] is not None and value["std"] >= 0
+                    assert key == "clipscore" or 0 <= value["mean"] <= 1
+        assert study["metrics"]["fid"]["dopsd"]["4"]["mean"] >= 0
+        assert set(study["round_seconds"]) == {"sft", "dopsd"}
+        assert (out.parent / study["plot"]).is_file()
+        assert set(study["grids"]) == {"retention", f"concept-{pack}"}
+        assert all((out.parent / grid).is_file() for grid in study["grids"].values())
+    rounds = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
+    assert rounds["config"]["init_adapter"].endswith("dopsd-s1/star/adapter")  # chained from the star round
+    assert rounds["config"]["replay_ratio"] == 0.5 and rounds["config"]["steps"] == 2
+    continual = results["continual"]["dopsd"]
+    assert list(continual) == ["star", "teal"]
+    assert set(continual["teal"]) == {
+        "concept-star/geneval/overall",
+        "concept-teal/geneval/overall",
+        "retention/geneval/overall",
+    }
+    text = out.read_text()
+    assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
+    assert "## Continual run" in text and "| dopsd | teal |" in text
+
+    produced = sorted((tmp_path / "work").rglob("*.safetensors")) + sorted((tmp_path / "work").rglob("report.json"))
+    stamps = {path: path.stat().st_mtime_ns for path in produced}
+    science(*options)  # everything is there: nothing is trained or sampled again
+    assert {path: path.stat().st_mtime_ns for path in produced} == stamps
+    assert json.loads(out.with_suffix(".json").read_text())["packs"] == results["packs"]
