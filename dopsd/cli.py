@@ -191,6 +191,7 @@ def nano_bootstrap(
     pretrain_steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
     distill_steps: Annotated[int | None, typer.Option(help="Distillation steps.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    device: Annotated[str, typer.Option(help="cuda or cpu (default: cuda when available).")] = "",
     export_to: Annotated[Path | None, typer.Option(help="Copy the finished model folder here.")] = None,
 ) -> None:
     """Build the nano model: VAE, pretraining, distillation to 4 steps. Resumes from the work folder's newest
@@ -198,7 +199,8 @@ def nano_bootstrap(
     from dopsd.nano.bootstrap import STAGES, BootstrapConfig, bootstrap, export
 
     steps = {"vae_steps": vae_steps, "pretrain_steps": pretrain_steps, "distill_steps": distill_steps}
-    config = BootstrapConfig(workdir=str(workdir), threads=threads, **{k: v for k, v in steps.items() if v is not None})
+    chosen = {k: v for k, v in steps.items() if v is not None}
+    config = BootstrapConfig(workdir=str(workdir), threads=threads, device=device, **chosen)
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")

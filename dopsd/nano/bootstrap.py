@@ -47,6 +47,8 @@ class BootstrapConfig:
     """Seed of initialisation and data."""
     threads: int = 2
     """CPU threads for torch."""
+    device: str = ""
+    """Where to train: cuda, cpu (empty: cuda when one is available)."""
     checkpoint_every: int = 200
     """Steps between checkpoints of every stage."""
     vae_steps: int = 4000
@@ -86,6 +88,10 @@ class BootstrapConfig:
     @property
     def model_dir(self) -> Path:
         return Path(self.workdir) / "model"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run_stage(
@@ -193,12 +199,13 @@ def pixels(images: list[Image.Image]) -> torch.Tensor:
 
 
 def train_vae(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
-    vae = AutoencoderKL.from_pretrained(config.model_dir / "vae")
+    device = config.torch_device
+    vae = AutoencoderKL.from_pretrained(config.model_dir / "vae").to(device)
     vae.train()
     stream = WorldStream(config.seed + 1)
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        x = pixels([render(scene) for scene, _ in stream.batch(config.vae_batch)])
+        x = pixels([render(scene) for scene, _ in stream.batch(config.vae_batch)]).to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         return F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
@@ -207,7 +214,7 @@ def train_vae(config: BootstrapConfig, log: Callable[[str], None] = print) -> No
     # Normalise latents to unit scale, as the pipeline expects: x_latent = (z - shift) * scale.
     vae.eval()
     with torch.no_grad():
-        x = pixels([render(scene) for scene, _ in stream.batch(256)])
+        x = pixels([render(scene) for scene, _ in stream.batch(256)]).to(device)
         z = vae.encode(x).latent_dist.mode()
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(config.model_dir / "vae")
@@ -246,7 +253,7 @@ def encode_targets(model: ZImageModel, items: list[tuple[Scene, str]]) -> torch.
 
 
 def load_training_model(config: BootstrapConfig) -> ZImageModel:
-    model = ZImageModel.load(str(config.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
+    model = ZImageModel.load(str(config.model_dir), device=config.torch_device, max_caption_tokens=NANO_CAPTION_TOKENS)
     model.pipeline.transformer.train()
     return model
 
@@ -263,8 +270,9 @@ def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> Non
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         items, latents = pool.batch(config.pretrain_batch)
         contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng)
-        noise = torch.randn(latents.shape, generator=generator)
-        sigma = shifted_sigmas(len(items), generator)
+        # Drawn on the CPU generator whatever the device, so a run resumes identically anywhere.
+        noise = torch.randn(latents.shape, generator=generator).to(model.device)
+        sigma = shifted_sigmas(len(items), generator).to(model.device)
         s = sigma.view(-1, 1, 1, 1)
         v = model.velocity((1 - s) * latents + s * noise, sigma, contexts)
         return F.mse_loss(v, noise - latents)
@@ -303,7 +311,7 @@ class TeacherPairs:
         items = self.stream.batch(self.config.distill_batch)
         contexts = contexts_for(self.model, items, self.stream, self.config.image_context_prob, self.stream.rng)
         shape = (len(items), *self.model.latent_shape(NANO_RESOLUTION, NANO_RESOLUTION))
-        noise = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator).to(self.model.device)
         student, self.model.transformer = self.model.transformer, self.teacher  # same code, frozen weights
         try:
             target = euler_sample(self.model, noise, self.sigmas, contexts)
@@ -336,7 +344,7 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         contexts, noise, target = pairs.batch(generator)
         k = torch.randint(len(student_sigmas), (len(contexts),), generator=generator)
-        sigma = student_sigmas[k]
+        sigma = student_sigmas[k].to(model.device)
         s = sigma.view(-1, 1, 1, 1)
         state = (1 - s) * target + s * noise
         x0 = state - s * model.velocity(state, sigma, contexts)
@@ -369,7 +377,7 @@ def bootstrap(
             continue
         {"vae": train_vae, "pretrain": pretrain, "distill": distill}[stage](config, log)
         progress = json.loads((Path(config.workdir) / "checkpoints" / stage / "step.json").read_text())
-        done[stage] = {"seconds": progress.get("seconds"), "machine": machine_description(config.threads)}
+        done[stage] = {"seconds": progress.get("seconds"), "machine": machine_description(config)}
         for later in STAGES[STAGES.index(stage) + 1 :]:
             done.pop(later, None)  # built on what this stage just changed: to be run again
         done_file.write_text(json.dumps(done, indent=2))
@@ -377,9 +385,12 @@ def bootstrap(
     return config.model_dir
 
 
-def machine_description(threads: int) -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} torch threads"
-    return f"{device}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
+def machine_description(config: BootstrapConfig) -> str:
+    device = config.torch_device
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {config.threads} torch threads"
+    )
+    return f"{device_name}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
 
 
 def export(config: BootstrapConfig, destination: str | Path) -> Path:
