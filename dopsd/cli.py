@@ -287,5 +287,34 @@ def nano_report(
     typer.echo(out.read_text())
 
 
+@nano_app.command("probe")
+def nano_probe(
+    workdir: Annotated[Path, typer.Option(help="The bootstrap's work folder.")] = Path("runs/nano-bootstrap"),
+    stage: Annotated[str, typer.Option(help="pretrain or distill.")] = "pretrain",
+    prompts: Annotated[Path, typer.Option(help="Held-out GenEval-nano prompts.")] = Path(
+        "data/nano/world/base_prompts.jsonl"
+    ),
+    limit: Annotated[int, typer.Option(help="Prompts per GenEval task.")] = 5,
+    seeds: Annotated[str, typer.Option(help="Seeds per prompt.")] = "0-1",
+) -> None:
+    """Score the newest checkpoint of a running bootstrap (GenEval-nano at 32 and 4 steps, teacher premise per
+    pack); the result is appended to the work folder's probes.jsonl."""
+    from dopsd.preview import parse_seeds
+    from evaluation.nano.base_report import probe_checkpoint
+    from evaluation.nano.detector import NanoDetector
+
+    result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), parse_seeds(seeds), limit)
+    typer.echo(f"{stage} step {result['step']} ({result['prompts']} prompts x {len(parse_seeds(seeds))} seeds):")
+    for steps in (32, 4):
+        score = result[f"geneval_nano@{steps}"]
+        tasks = ", ".join(f"{task} {value:.2f}" for task, value in score["tasks"].items())
+        typer.echo(f"  GenEval-nano @{steps}: {score['overall']:.3f} ({tasks})")
+    for row in result["premise"]:
+        typer.echo(
+            f"  premise {row['pack']}: teacher {row['teacher_accuracy']:.3f}, student {row['student_accuracy']:.3f}, "
+            f"layout spread {row['layout_spread']:.1f} px, copies {row['copies']:.2f}"
+        )
+
+
 if __name__ == "__main__":
     app()

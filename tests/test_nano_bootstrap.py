@@ -72,3 +72,28 @@ def test_base_report_from_a_tiny_bootstrap(tmp_path, tiny_nano_bootstrap):
         and "distilled@4 >= 0.75" in text
     )
     assert (tmp_path / "reports" / "nano_base.json").is_file()
+
+
+def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dopsd.nano.scenes import prompt_set, write_jsonl
+    from dopsd.nano.world import Vocabulary
+
+    prompts = write_jsonl(prompt_set(Vocabulary(), per_task=2, seed=0), tmp_path / "prompts.jsonl")
+    dopsd = Path(sys.executable).parent / "dopsd"
+    command = [str(dopsd), "nano", "probe", "--workdir", tiny_nano_bootstrap.workdir, "--prompts", str(prompts)]
+    shown = subprocess.run([*command, "--limit", "1", "--seeds", "0"], capture_output=True, text=True, check=True)
+    assert "pretrain step 2 (6 prompts x 1 seeds)" in shown.stdout and "GenEval-nano @32:" in shown.stdout
+    subprocess.run([*command, "--stage", "distill", "--limit", "2"], capture_output=True, check=True)
+    probes = [
+        json.loads(line) for line in (Path(tiny_nano_bootstrap.workdir) / "probes.jsonl").read_text().splitlines()
+    ]
+    assert [(p["stage"], p["step"], p["prompts"]) for p in probes] == [("pretrain", 2, 6), ("distill", 2, 12)]
+    assert all(0 <= p["geneval_nano@4"]["overall"] <= 1 for p in probes)
+    assert [r["pack"] for r in probes[1]["premise"]] == ["star", "teal", "striped"]
+    assert probes[1]["premise"][0]["samples"] == 12 * 2
+    missing = subprocess.run([*command, "--stage", "vae"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no vae checkpoint" in missing.stderr + missing.stdout

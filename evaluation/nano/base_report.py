@@ -24,6 +24,7 @@ from evaluation.geneval.rules import TASKS, GenevalScore, read_metadata
 from evaluation.nano.geneval_nano import geneval_nano
 from evaluation.nano.premise import PremiseResult, teacher_premise
 from evaluation.nano.train_detector import validate, world_scenes
+from evaluation.prompt_sets import first_per_task
 
 
 def base_metrics(
@@ -103,7 +104,7 @@ def render_markdown(metrics: dict, command: str, bootstrap: dict) -> str:
         f"- distilled@4 within 0.05 of undistilled@32: {'met' if abs(d4 - u32) <= 0.05 else 'NOT met'}",
         f"- teacher shows each pack's concept (>= 0.7) without copying: {'met' if premise_ok else 'NOT met'}",
         "",
-        "Bootstrap (wall time of the sitting that finished each stage):",
+        "Bootstrap (training seconds of each stage, summed over every sitting):",
         *[f"- {stage}: {info['seconds']} s on {info['machine']}" for stage, info in bootstrap.items()],
     ]
     return "\n".join(lines) + "\n"
@@ -126,3 +127,42 @@ def write_base_report(
     out.write_text(render_markdown(metrics, command, bootstrap))
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+STAGE_STEPS = {"pretrain": 32, "distill": 4}
+"""The step count each stage's model is meant to be sampled at."""
+
+
+def probe_checkpoint(
+    workdir: str | Path,
+    stage: str,
+    prompts: str | Path,
+    detector: Detector,
+    seeds: Sequence[int] = (0, 1),
+    limit: int = 5,
+    premise_prompts: int = 12,
+) -> dict:
+    """Score a stage's newest checkpoint while the bootstrap runs: GenEval-nano at 32 and 4 steps on the first
+    `limit` prompts of each task, and the teacher premise per pack at the stage's own step count. Each probe is
+    appended to `<workdir>/probes.jsonl`, so the trend of a long run is kept."""
+    workdir = Path(workdir)
+    folder = workdir / "checkpoints" / stage
+    if stage not in STAGE_STEPS or not (folder / "step.json").is_file():
+        raise ValueError(f"no {stage} checkpoint in {folder} (stages with a model to probe: {list(STAGE_STEPS)})")
+    model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
+    model.pipeline.transformer.load_state_dict(load_file(str(folder / "transformer.safetensors")))
+    if (folder / "vision.safetensors").is_file():  # pretraining also trains the teacher's vision tower
+        assert model.teacher_encoder is not None
+        model.teacher_encoder.model.visual.load_state_dict(load_file(str(folder / "vision.safetensors")))
+    records = first_per_task(read_metadata(prompts), limit)
+    result: dict = {"stage": stage, **json.loads((folder / "step.json").read_text()), "prompts": len(records)}
+    for steps in (32, 4):
+        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION)
+        result[f"geneval_nano@{steps}"] = dataclasses.asdict(geneval)
+    result["premise"] = [
+        dataclasses.asdict(teacher_premise(model, pack, detector, seeds, STAGE_STEPS[stage], premise_prompts))
+        for pack in PACKS
+    ]
+    with (workdir / "probes.jsonl").open("a") as probes:
+        probes.write(json.dumps(result) + "\n")
+    return result
