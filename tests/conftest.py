@@ -54,6 +54,21 @@ def tiny_nano_bootstrap(tmp_path_factory) -> BootstrapConfig:
     return config
 
 
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A nano world folder at a tiny size: one base prompt per task, two packs of 4 images with 2 prompts each."""
+    from dopsd.nano.packs import PACKS, write_pack, write_pack_prompts
+    from dopsd.nano.scenes import prompt_set, write_jsonl
+    from dopsd.nano.world import Vocabulary
+
+    folder = tmp_path_factory.mktemp("world")
+    write_jsonl(prompt_set(Vocabulary(), per_task=1, seed=0), folder / "base_prompts.jsonl")
+    for pack in PACKS[:2]:
+        write_pack(pack, folder / "packs" / pack.name, count=4)
+        write_pack_prompts(pack, folder / "packs" / f"{pack.name}_prompts.jsonl", count=2)
+    return folder
+
+
 def write_dataset(folder, count=4, size=32):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):

@@ -6,19 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dopsd.nano.packs import PACKS, write_pack, write_pack_prompts
-from dopsd.nano.scenes import prompt_set, write_jsonl
-from dopsd.nano.world import Vocabulary
-
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
-
-
-def write_tiny_world(folder):
-    write_jsonl(prompt_set(Vocabulary(), per_task=1, seed=0), folder / "base_prompts.jsonl")
-    for pack in PACKS[:2]:
-        write_pack(pack, folder / "packs" / pack.name, count=4)
-        write_pack_prompts(pack, folder / "packs" / f"{pack.name}_prompts.jsonl", count=2)
-    return folder
 
 
 def science(*options, check=True):
@@ -27,8 +15,8 @@ def science(*options, check=True):
     )
 
 
-def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap):
-    world = write_tiny_world(tmp_path / "world")
+def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world):
+    world = tiny_world
     out = tmp_path / "reports" / "science.md"
     options = [
         f"--model={tiny_nano_bootstrap.model_dir}",
