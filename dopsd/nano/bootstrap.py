@@ -52,8 +52,8 @@ class BootstrapConfig:
     checkpoint_every: int = 200
     """Steps between checkpoints of every stage."""
     vae_steps: int = 4000
-    """VAE training steps. Measured by the detector on round trips of 200 held-out renders: shape read back 77% at
-    1000 steps, 94% at 3200, 96% at 4000 (colour and texture 99.8%)."""
+    """VAE training steps. The first layout's 8x VAE, read back by the detector on round trips of 200 held-out
+    renders: shape 77% at 1000 steps, 94% at 3200, 96% at 4000 (colour and texture 99.8%)."""
     vae_batch: int = 32
     """VAE batch size."""
     vae_lr: float = 1e-3
