@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -39,8 +38,9 @@ import torch
 
 from dopsd.config import TrainConfig, coerce, field_docs, make_config
 from dopsd.models import load_model
-from dopsd.nano.bootstrap import WorldStream
+from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
+from dopsd.nano.packs import write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
 from dopsd.train import train
@@ -134,21 +134,12 @@ def check(config: ScienceConfig) -> None:
         raise SystemExit("nano_science: " + "; ".join(problems))
 
 
-def write_landing_folder(folder: Path, items: list[tuple]) -> Path:
-    """Images and same-name captions, the data landing format a round reads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (scene, caption) in enumerate(items):
-        render(scene).save(folder / f"world_{i:04d}.png")
-        (folder / f"world_{i:04d}.txt").write_text(caption + "\n")
-    return folder
-
-
 def replay_folder(config: ScienceConfig) -> str:
     if config.replay_ratio <= 0:
         return ""
     folder = Path(config.workdir) / "replay"
     if not folder.is_dir():
-        write_landing_folder(folder, WorldStream(seed=777).batch(config.replay_images))
+        write_landing_folder(folder, WorldStream(seed=777).batch(config.replay_images), "world")
     return str(folder)
 
 
@@ -175,8 +166,8 @@ def run_round(train_config: TrainConfig) -> tuple[str, float]:
     """Train (or resume, or reuse) one round; returns its adapter folder and its training seconds."""
     output = Path(train_config.output)
     record = output / "round.json"
-    if record.is_file() and json.loads(record.read_text())["config"] == dataclasses.asdict(train_config):
-        done = json.loads(record.read_text())
+    done = json.loads(record.read_text()) if record.is_file() else None
+    if done is not None and done["config"] == dataclasses.asdict(train_config):
         return done["adapter"], done["seconds"]
     start = time.time()
     adapter = train(train_config)
@@ -207,13 +198,16 @@ class Evaluation:
             for pack in config.names("packs")
         }
 
+    def folder(self, name: str, steps: int) -> Path:
+        """Where the suite run `name` at `steps` writes its report and grids."""
+        return Path(self.config.workdir) / "eval" / name / f"steps-{steps}"
+
     def grids(self, name: str, report: SuiteReport, steps: int) -> dict[str, Path]:
         """The suite run's sample grids (prompt set -> PNG in the work folder)."""
-        out = Path(self.config.workdir) / "eval" / name / f"steps-{steps}"
-        return {prompt_set: out / grid for prompt_set, grid in report.grids.items()}
+        return {prompt_set: self.folder(name, steps) / grid for prompt_set, grid in report.grids.items()}
 
     def run(self, name: str, adapters: dict[str, str | None], prompt_sets: list[PromptSet], steps: int) -> SuiteReport:
-        out = Path(self.config.workdir) / "eval" / name / f"steps-{steps}"
+        out = self.folder(name, steps)
         report_file = out / "report.json"
         suite = SuiteConfig(steps, self.config.eval_images, 0, NANO_RESOLUTION, 64, baseline=BASE)
         if report_file.is_file():
@@ -447,11 +441,6 @@ def keep_grids(grids: dict[str, Path], folder: Path, prefix: str, report_dir: Pa
     return kept
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    return f"{device}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
-
-
 def run(config: ScienceConfig, command: str, log=print) -> dict:
     check(config)
     start = time.time()
@@ -461,7 +450,7 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
     preset = make_config(config.preset, steps=config.round_steps or None, batch_size=config.round_batch or None)
     results: dict = {
         "command": command,
-        "machine": machine(),
+        "machine": machine_description(default_device(), torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d"),
         "config": dataclasses.asdict(config),
         "round": f"{preset.steps} steps, batch {preset.batch_size}, lr {preset.lr}, LoRA rank {preset.lora_rank}",

@@ -312,8 +312,9 @@ def nano_probe(
     from evaluation.nano.base_report import probe_checkpoint
     from evaluation.nano.detector import NanoDetector
 
-    result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), parse_seeds(seeds), limit)
-    typer.echo(f"{stage} step {result['step']} ({result['prompts']} prompts x {len(parse_seeds(seeds))} seeds):")
+    seed_list = parse_seeds(seeds)
+    result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), seed_list, limit)
+    typer.echo(f"{stage} step {result['step']} ({result['prompts']} prompts x {len(seed_list)} seeds):")
     for steps in (32, 4):
         score = result[f"geneval_nano@{steps}"]
         tasks = ", ".join(f"{task} {value:.2f}" for task, value in score["tasks"].items())

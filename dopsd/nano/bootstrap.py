@@ -91,7 +91,7 @@ class BootstrapConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return torch.device(self.device) if self.device else default_device()
 
 
 def run_stage(
@@ -377,7 +377,10 @@ def bootstrap(
             continue
         {"vae": train_vae, "pretrain": pretrain, "distill": distill}[stage](config, log)
         progress = json.loads((Path(config.workdir) / "checkpoints" / stage / "step.json").read_text())
-        done[stage] = {"seconds": progress.get("seconds"), "machine": machine_description(config)}
+        done[stage] = {
+            "seconds": progress.get("seconds"),
+            "machine": machine_description(config.torch_device, config.threads),
+        }
         for later in STAGES[STAGES.index(stage) + 1 :]:
             done.pop(later, None)  # built on what this stage just changed: to be run again
         done_file.write_text(json.dumps(done, indent=2))
@@ -385,11 +388,13 @@ def bootstrap(
     return config.model_dir
 
 
-def machine_description(config: BootstrapConfig) -> str:
-    device = config.torch_device
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {config.threads} torch threads"
-    )
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine_description(device: torch.device, threads: int) -> str:
+    """The hardware a run's figures were measured on."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} torch threads"
     return f"{device_name}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
 
 

@@ -7,6 +7,7 @@ are disjoint from its training captions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,20 +111,23 @@ def concept_item(pack: ConceptPack, rng: np.random.Generator, lead: str, size: i
     raise RuntimeError(f"could not lay out a scene for pack {pack.name}")
 
 
-def write_pack(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 0) -> Path:
-    """The pack as a landing folder (images + same-name .txt captions) with its metadata beside it."""
-    if count > 64:
-        raise ValueError(f"a concept pack holds at most 64 images, asked for {count}")
+def write_landing_folder(folder: str | Path, items: Sequence[tuple[Scene, str]], prefix: str) -> Path:
+    """Scenes as a landing folder, the format a round reads: `<prefix>_NNN.png` with a same-name .txt caption."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(count):
-        item = concept_item(pack, rng, lead=str(rng.choice(["an image of ", "a picture of ", ""])))
-        render(item.scene).save(folder / f"{pack.name}_{i:03d}.png")
-        (folder / f"{pack.name}_{i:03d}.txt").write_text(item.caption + "\n")
-        records.append(item.metadata)
+    for i, (scene, caption) in enumerate(items):
+        render(scene).save(folder / f"{prefix}_{i:03d}.png")
+        (folder / f"{prefix}_{i:03d}.txt").write_text(caption + "\n")
     return folder
+
+
+def write_pack(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 0) -> Path:
+    """The pack as a landing folder (images + same-name .txt captions)."""
+    if count > 64:
+        raise ValueError(f"a concept pack holds at most 64 images, asked for {count}")
+    rng = np.random.default_rng(seed)
+    items = [concept_item(pack, rng, lead=str(rng.choice(["an image of ", "a picture of ", ""]))) for _ in range(count)]
+    return write_landing_folder(folder, [(item.scene, item.caption) for item in items], pack.name)
 
 
 def pack_items(pack: ConceptPack, count: int = 24, seed: int = 1000) -> list[Item]:
