@@ -305,6 +305,10 @@ def nano_probe(
     ),
     limit: Annotated[int, typer.Option(help="Prompts per GenEval task.")] = 5,
     seeds: Annotated[str, typer.Option(help="Seeds per prompt.")] = "0-1",
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance (default: the bootstrap's when pretraining, none when distilled)."),
+    ] = None,
 ) -> None:
     """Score the newest checkpoint of a running bootstrap (GenEval-nano at 32 and 4 steps, teacher premise per
     pack); the result is appended to the work folder's probes.jsonl."""
@@ -313,8 +317,11 @@ def nano_probe(
     from evaluation.nano.detector import NanoDetector
 
     seed_list = parse_seeds(seeds)
-    result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), seed_list, limit)
-    typer.echo(f"{stage} step {result['step']} ({result['prompts']} prompts x {len(seed_list)} seeds):")
+    result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), seed_list, limit, guidance=guidance)
+    typer.echo(
+        f"{stage} step {result['step']} ({result['prompts']} prompts x {len(seed_list)} seeds, "
+        f"guidance {result['guidance']}):"
+    )
     for steps in (32, 4):
         score = result[f"geneval_nano@{steps}"]
         tasks = ", ".join(f"{task} {value:.2f}" for task, value in score["tasks"].items())

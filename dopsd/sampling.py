@@ -12,12 +12,25 @@ from dopsd.models.base import Context, FewStepModel
 
 @torch.no_grad()
 def euler_sample(
-    model: FewStepModel, noise: torch.Tensor, sigmas: torch.Tensor, contexts: Sequence[Context]
+    model: FewStepModel,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    contexts: Sequence[Context],
+    guidance: float = 0.0,
 ) -> torch.Tensor:
-    """Integrate from `noise` at sigmas[0] to sigmas[-1] (usually 0) with one velocity call per step."""
+    """Integrate from `noise` at sigmas[0] to sigmas[-1] (usually 0) with one velocity call per step.
+
+    With `guidance` > 0 (classifier-free guidance, for undistilled models; a few-step model has it distilled in),
+    each step also asks for the empty prompt's velocity and moves away from it: v + guidance * (v - v_empty),
+    ZImagePipeline's convention (its guidance_scale)."""
     x = noise.float()
+    empty = model.encode_student([""]) * len(contexts) if guidance > 0 else None
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
-        v = model.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), contexts)
+        t = torch.full((x.shape[0],), sigma, device=x.device)
+        v = model.velocity(x, t, contexts)
+        if empty is not None:
+            v_empty = model.velocity(x, t, empty)
+            v = v + guidance * (v - v_empty)
         x = x + (sigma_next - sigma) * v
     return x
 
@@ -29,6 +42,7 @@ def sample_images(
     steps: int,
     resolution: int,
     batch: int = 64,
+    guidance: float = 0.0,
 ) -> list[Image.Image]:
     """One image per (context, seed), context-major; each seed's noise is what the pipeline draws for it, so the
     same (prompt, seed) gives the same start whatever the batch or the adapter."""
@@ -38,7 +52,7 @@ def sample_images(
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         noise = torch.cat([model.noise(1, resolution, resolution, torch.Generator().manual_seed(s)) for _, s in chunk])
-        latents = euler_sample(model, noise, sigmas, [c for c, _ in chunk])
+        latents = euler_sample(model, noise, sigmas, [c for c, _ in chunk], guidance)
         images.extend(model.to_images(latents))
     return images
 

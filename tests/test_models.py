@@ -20,7 +20,7 @@ def random_image(seed=0, size=32):
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
-def pipeline_and_euler(model, output_type):
+def pipeline_and_euler(model, output_type, guidance=0.0):
     """The real pipeline's 4-step output and the project's Euler loop over `velocity`, same seed and prompts."""
     reference = model.pipeline(
         prompt=list(PROMPTS),  # the pipeline rewrites its prompt list in place
@@ -29,10 +29,11 @@ def pipeline_and_euler(model, output_type):
         num_inference_steps=4,
         generator=torch.Generator().manual_seed(0),
         output_type=output_type,
-        **model.pipeline_kwargs(),
+        **{**model.pipeline_kwargs(), **({"guidance_scale": guidance} if guidance else {})},
     ).images
     noise = model.noise(2, 32, 32, torch.Generator().manual_seed(0))
-    return reference, euler_sample(model, noise, model.schedule(4, 32, 32), model.encode_student(PROMPTS))
+    sigmas = model.schedule(4, 32, 32)
+    return reference, euler_sample(model, noise, sigmas, model.encode_student(PROMPTS), guidance)
 
 
 def test_zimage_velocity_and_euler_reproduce_the_pipeline(tiny_zimage_path):
@@ -40,6 +41,14 @@ def test_zimage_velocity_and_euler_reproduce_the_pipeline(tiny_zimage_path):
     assert model.schedule(4, 32, 32).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])  # Turbo's shift 3
     reference, ours = pipeline_and_euler(model, "latent")
     torch.testing.assert_close(ours, reference.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_guided_euler_reproduces_the_pipelines_classifier_free_guidance(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path)
+    reference, ours = pipeline_and_euler(model, "latent", guidance=3.0)
+    torch.testing.assert_close(ours, reference.float(), rtol=1e-4, atol=1e-4)
+    _, unguided = pipeline_and_euler(model, "latent")
+    assert not torch.allclose(ours, unguided, atol=1e-3)  # the guidance did something
 
 
 def test_klein_velocity_and_euler_reproduce_the_pipeline(tiny_klein_path):

@@ -48,6 +48,24 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert model.teacher_encoder is not None
 
 
+def test_caption_dropout_gives_the_empty_prompt_to_caption_only_samples(tiny_nano_bootstrap):
+    import numpy as np
+
+    from dopsd.models.zimage import ZImageModel
+    from dopsd.nano.bootstrap import WorldStream, contexts_for
+    from dopsd.nano.model import NANO_CAPTION_TOKENS
+
+    model = ZImageModel.load(str(tiny_nano_bootstrap.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
+    stream = WorldStream(0)
+    items = stream.batch(4)
+    empty = model.encode_student([""])[0]["cap_feats"]
+    dropped = contexts_for(model, items, stream, 0.0, np.random.default_rng(0), caption_dropout=1.0)
+    assert all(torch.equal(c["cap_feats"], empty) for c in dropped)
+    kept = contexts_for(model, items, stream, 0.0, np.random.default_rng(0), caption_dropout=0.0)
+    captions = model.encode_student([caption for _, caption in items])
+    assert all(torch.equal(c["cap_feats"], d["cap_feats"]) for c, d in zip(kept, captions, strict=True))
+
+
 def test_base_report_from_a_tiny_bootstrap(tmp_path, tiny_nano_bootstrap):
     from evaluation.nano.base_report import write_base_report
     from evaluation.nano.detector import NanoDetector
@@ -61,6 +79,7 @@ def test_base_report_from_a_tiny_bootstrap(tmp_path, tiny_nano_bootstrap):
     out = tmp_path / "reports" / "nano_base.md"
     metrics = write_base_report(tiny_nano_bootstrap.workdir, prompts, NanoDetector.load(), out, "test", seeds=[0])
     assert set(metrics["geneval_nano"]) == {"distilled@4", "undistilled@4", "undistilled@32"}
+    assert metrics["undistilled_guidance"] == tiny_nano_bootstrap.guidance
     assert [p["pack"] for p in metrics["premise"]] == ["star", "teal", "striped"]
     assert all(p["samples"] == 24 for p in metrics["premise"])
     text = out.read_text()
@@ -70,6 +89,7 @@ def test_base_report_from_a_tiny_bootstrap(tmp_path, tiny_nano_bootstrap):
         and "VAE round trip" in text
         and "| star |" in text
         and "distilled@4 >= 0.75" in text
+        and f"classifier-free guidance {tiny_nano_bootstrap.guidance}" in text
     )
     assert (tmp_path / "reports" / "nano_base.json").is_file()
 
@@ -86,12 +106,16 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     dopsd = Path(sys.executable).parent / "dopsd"
     command = [str(dopsd), "nano", "probe", "--workdir", tiny_nano_bootstrap.workdir, "--prompts", str(prompts)]
     shown = subprocess.run([*command, "--limit", "1", "--seeds", "0"], capture_output=True, text=True, check=True)
-    assert "pretrain step 2 (6 prompts x 1 seeds)" in shown.stdout and "GenEval-nano @32:" in shown.stdout
+    assert "pretrain step 2 (6 prompts x 1 seeds, guidance 3.0)" in shown.stdout and "GenEval-nano @32:" in shown.stdout
     subprocess.run([*command, "--stage", "distill", "--limit", "2"], capture_output=True, check=True)
     probes = [
         json.loads(line) for line in (Path(tiny_nano_bootstrap.workdir) / "probes.jsonl").read_text().splitlines()
     ]
-    assert [(p["stage"], p["step"], p["prompts"]) for p in probes] == [("pretrain", 2, 6), ("distill", 2, 12)]
+    # the undistilled model is scored with the bootstrap's guidance, the distilled one without
+    assert [(p["stage"], p["step"], p["prompts"], p["guidance"]) for p in probes] == [
+        ("pretrain", 2, 6, 3.0),
+        ("distill", 2, 12, 0.0),
+    ]
     assert all(0 <= p["geneval_nano@4"]["overall"] <= 1 for p in probes)
     assert [r["pack"] for r in probes[1]["premise"]] == ["star", "teal", "striped"]
     assert probes[1]["premise"][0]["samples"] == 12 * 2

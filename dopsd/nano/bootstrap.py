@@ -72,6 +72,10 @@ class BootstrapConfig:
     """Pool items replaced by fresh ones each step."""
     image_context_prob: float = 0.5
     """Share of pretraining samples conditioned on [reference image + caption] instead of the caption."""
+    caption_dropout: float = 0.1
+    """Share of caption-only pretraining samples given the empty prompt instead, so that the model also learns
+    the unconditional velocity that classifier-free guidance extrapolates from. (The 4x run added it at step
+    2600.)"""
     distill_steps: int = 3000
     """Distillation steps."""
     distill_batch: int = 64
@@ -80,6 +84,10 @@ class BootstrapConfig:
     """Distillation learning rate."""
     teacher_steps: int = 32
     """Euler steps of the undistilled teacher whose endpoints the 4-step student learns."""
+    guidance: float = 3.0
+    """Classifier-free guidance of the undistilled model's sampler (ZImagePipeline's guidance_scale): its
+    endpoints teach the 4-step student, which then samples without guidance, as Z-Image-Turbo does; the base
+    report and probes score the undistilled model with it."""
     teacher_pairs: int = 2048
     """Teacher endpoints kept for distillation."""
     refresh_every: int = 8
@@ -228,16 +236,22 @@ def shifted_sigmas(batch: int, generator: torch.Generator, shift: float = 3.0) -
 
 
 def contexts_for(
-    model: ZImageModel, items: list[tuple[Scene, str]], stream: WorldStream, image_prob: float, rng
+    model: ZImageModel,
+    items: list[tuple[Scene, str]],
+    stream: WorldStream,
+    image_prob: float,
+    rng,
+    caption_dropout: float = 0.0,
 ) -> list[dict[str, torch.Tensor]]:
-    """Per sample: the caption alone, or [reference image + caption] through the VL encoder (differentiable
-    into the vision tower when grad is enabled)."""
+    """Per sample: the caption alone (the empty prompt with probability `caption_dropout`), or [reference image +
+    caption] through the VL encoder (differentiable into the vision tower when grad is enabled)."""
     use_image = [bool(rng.random() < image_prob) for _ in items]
     contexts: list[dict[str, torch.Tensor]] = [{} for _ in items]
     text_idx = [i for i, u in enumerate(use_image) if not u]
     image_idx = [i for i, u in enumerate(use_image) if u]
     if text_idx:
-        for i, c in zip(text_idx, model.encode_student([items[i][1] for i in text_idx]), strict=True):
+        captions = ["" if rng.random() < caption_dropout else items[i][1] for i in text_idx]
+        for i, c in zip(text_idx, model.encode_student(captions), strict=True):
             contexts[i] = c
     if image_idx:
         inputs = model.teacher_inputs(
@@ -269,7 +283,7 @@ def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> Non
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         items, latents = pool.batch(config.pretrain_batch)
-        contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng)
+        contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng, config.caption_dropout)
         # Drawn on the CPU generator whatever the device, so a run resumes identically anywhere.
         noise = torch.randn(latents.shape, generator=generator).to(model.device)
         sigma = shifted_sigmas(len(items), generator).to(model.device)
@@ -314,7 +328,7 @@ class TeacherPairs:
         noise = torch.randn(shape, generator=generator).to(self.model.device)
         student, self.model.transformer = self.model.transformer, self.teacher  # same code, frozen weights
         try:
-            target = euler_sample(self.model, noise, self.sigmas, contexts)
+            target = euler_sample(self.model, noise, self.sigmas, contexts, self.config.guidance)
         finally:
             self.model.transformer = student
         return contexts, noise, target

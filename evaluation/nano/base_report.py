@@ -33,13 +33,15 @@ def base_metrics(
     prompts: str | Path,
     detector: Detector,
     seeds: Sequence[int] = (0, 1, 2),
+    guidance: float = 0.0,
 ) -> dict:
+    """`guidance`: the undistilled model's classifier-free guidance (the distilled model samples without)."""
     model = ZImageModel.load(str(model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
     records = read_metadata(prompts)
     results: dict[str, dict] = {}
 
-    def score(name: str, steps: int) -> None:
-        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION)
+    def score(name: str, steps: int, guidance: float = 0.0) -> None:
+        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION, guidance)
         results[name] = dataclasses.asdict(geneval)
 
     scenes = world_scenes(200, seed=4242)
@@ -48,9 +50,10 @@ def base_metrics(
     score("distilled@4", 4)
     premise = [dataclasses.asdict(teacher_premise(model, pack, detector, seeds)) for pack in PACKS]
     model.pipeline.transformer.load_state_dict(load_file(str(undistilled_weights)))
-    score("undistilled@4", 4)
-    score("undistilled@32", 32)
+    score("undistilled@4", 4, guidance)
+    score("undistilled@32", 32, guidance)
     return {
+        "undistilled_guidance": guidance,
         "geneval_nano": results,
         "premise": premise,
         "vae_reconstruction": vae,
@@ -65,7 +68,9 @@ def render_markdown(metrics: dict, command: str, bootstrap: dict) -> str:
         "# Nano base: GenEval-nano and the teacher premise",
         "",
         f"Command: `{command}`  ",
-        f"{metrics['prompts']} held-out prompts x {len(metrics['seeds'])} seeds; detector + GenEval rules.",
+        f"{metrics['prompts']} held-out prompts x {len(metrics['seeds'])} seeds; detector + GenEval rules. The "
+        f"undistilled model samples with classifier-free guidance {metrics['undistilled_guidance']} (its 32-step "
+        "samples taught the distilled one), the distilled model without.",
         "",
         "| model | steps | overall | " + " | ".join(TASKS) + " |",
         "|---|---|---|" + "---|" * len(TASKS),
@@ -120,7 +125,7 @@ def write_base_report(
 ) -> dict:
     workdir = Path(workdir)
     weights = workdir / "checkpoints" / "pretrain" / "transformer.safetensors"
-    metrics = base_metrics(workdir / "model", weights, prompts, detector, seeds)
+    metrics = base_metrics(workdir / "model", weights, prompts, detector, seeds, bootstrap_guidance(workdir))
     bootstrap = json.loads((workdir / "done.json").read_text())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +138,11 @@ STAGE_STEPS = {"pretrain": 32, "distill": 4}
 """The step count each stage's model is meant to be sampled at."""
 
 
+def bootstrap_guidance(workdir: Path) -> float:
+    """The classifier-free guidance the bootstrap in `workdir` gives its undistilled model."""
+    return float(json.loads((workdir / "config.json").read_text())["guidance"])
+
+
 def probe_checkpoint(
     workdir: str | Path,
     stage: str,
@@ -141,9 +151,11 @@ def probe_checkpoint(
     seeds: Sequence[int] = (0, 1),
     limit: int = 5,
     premise_prompts: int = 12,
+    guidance: float | None = None,
 ) -> dict:
     """Score a stage's newest checkpoint while the bootstrap runs: GenEval-nano at 32 and 4 steps on the first
-    `limit` prompts of each task, and the teacher premise per pack at the stage's own step count. Each probe is
+    `limit` prompts of each task, and the teacher premise per pack at the stage's own step count, all with
+    `guidance` (default: the bootstrap's for pretraining, none for the distilled model). Each probe is
     appended to `<workdir>/probes.jsonl`, so the trend of a long run is kept."""
     workdir = Path(workdir)
     folder = workdir / "checkpoints" / stage
@@ -155,12 +167,19 @@ def probe_checkpoint(
         assert model.teacher_encoder is not None
         model.teacher_encoder.model.visual.load_state_dict(load_file(str(folder / "vision.safetensors")))
     records = first_per_task(read_metadata(prompts), limit)
+    if guidance is None:
+        guidance = bootstrap_guidance(workdir) if stage == "pretrain" else 0.0
     result: dict = {"stage": stage, **json.loads((folder / "step.json").read_text()), "prompts": len(records)}
+    result["guidance"] = guidance
     for steps in (32, 4):
-        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION)
+        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION, guidance)
         result[f"geneval_nano@{steps}"] = dataclasses.asdict(geneval)
     result["premise"] = [
-        dataclasses.asdict(teacher_premise(model, pack, detector, seeds, STAGE_STEPS[stage], premise_prompts))
+        dataclasses.asdict(
+            teacher_premise(
+                model, pack, detector, seeds, STAGE_STEPS[stage], premise_prompts, NANO_RESOLUTION, guidance=guidance
+            )
+        )
         for pack in PACKS
     ]
     with (workdir / "probes.jsonl").open("a") as probes:

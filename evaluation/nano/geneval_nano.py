@@ -29,10 +29,12 @@ def geneval_nano(
     steps: int,
     detector: Detector,
     resolution: int,
+    guidance: float = 0.0,
 ) -> tuple[GenevalScore, list[Verdict], list[Image.Image]]:
-    """Sample every prompt at every seed with the prompt alone (the deployed setting) and score the images."""
+    """Sample every prompt at every seed with the prompt alone (the deployed setting) and score the images.
+    `guidance`: classifier-free guidance, for an undistilled model (see euler_sample)."""
     contexts = model.encode_student([r["prompt"] for r in records])
-    images = sample_images(model, contexts, seeds, steps, resolution)
+    images = sample_images(model, contexts, seeds, steps, resolution, guidance=guidance)
     expanded = [r for r in records for _ in seeds]
     score, verdicts = score_images(images, expanded, detector)
     return score, verdicts, images

@@ -59,14 +59,16 @@ def teacher_premise(
     prompts: int = 24,
     resolution: int = 64,
     seed: int = 0,
+    guidance: float = 0.0,
 ) -> PremiseResult:
     items = pack_items(pack, prompts)
     rng = np.random.default_rng(seed)
     references = [render(relayout(item.scene, rng)) for item in items]
     captions = [item.caption for item in items]
     records = [item.metadata for item in items for _ in seeds]
-    teacher_images = sample_images(model, model.encode_teacher(captions, references), seeds, steps, resolution)
-    student_images = sample_images(model, model.encode_student(captions), seeds, steps, resolution)
+    teacher_contexts, student_contexts = model.encode_teacher(captions, references), model.encode_student(captions)
+    teacher_images = sample_images(model, teacher_contexts, seeds, steps, resolution, guidance=guidance)
+    student_images = sample_images(model, student_contexts, seeds, steps, resolution, guidance=guidance)
     teacher_score, _ = score_images(teacher_images, records, detector)
     student_score, _ = score_images(student_images, records, detector)
     centres = np.array([foreground_centre(im) for im in teacher_images]).reshape(len(items), len(seeds), 2)
