@@ -22,7 +22,6 @@ its last checkpoint). The report is Markdown with a JSON twin, PNG plots and the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dopsd.config import TrainConfig, coerce, field_docs, make_config
+from dopsd.config import TrainConfig, make_config, parse_dataclass_args
 from dopsd.models import load_model
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
@@ -478,14 +477,7 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
 
 
 def parse_args(argv: list[str]) -> ScienceConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    docs = field_docs(ScienceConfig)
-    for field in dataclasses.fields(ScienceConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default, help=docs.get(field.name, ""))
-    values = vars(parser.parse_args(argv))
-    return ScienceConfig(**{name: coerce(name, value, ScienceConfig) for name, value in values.items()})
+    return parse_dataclass_args(ScienceConfig, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ defaults of a model family from the recipe of the D-OPSD authors (see dopsd/pres
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -157,6 +158,16 @@ def coerce(name: str, value: Any, cls: type = TrainConfig) -> Any:
         return kind(value)
     except (TypeError, ValueError) as error:
         raise ValueError(f"config field {name!r}: bad value {value!r} ({error})") from None
+
+
+def parse_dataclass_args(cls: type, argv: list[str], description: str) -> Any:
+    """A `--field-name value` option per field of the dataclass `cls`, its docstring as help; values coerced."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default, help=docs.get(field.name, ""))
+    values = vars(parser.parse_args(argv))
+    return cls(**{name: coerce(name, value, cls) for name, value in values.items()})
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,43 @@
+"""The shape-learning diagnostic runs as a program at a tiny budget and measures what it says it measures."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_shape_learning.py"
+
+
+def run(*options):
+    return subprocess.run([sys.executable, str(SCRIPT), *options], capture_output=True, text=True, timeout=600)
+
+
+def test_shape_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap):
+    common = [f"--model={tiny_nano_bootstrap.model_dir}", f"--out={tmp_path}", "--batch=4", "--pool=8"]
+    shown = run(*common, "--world=grid", "--steps=3", "--every=2", "--sample-steps=2")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stdout.splitlines() if line.startswith("grid step")]
+    assert [line.split(":")[0] for line in lines] == ["grid step 2", "grid step 3"]  # every 2 steps and the last
+    hit = float(lines[-1].split("shape hit ")[1].split()[0])
+    assert 0.0 <= hit <= 1.0
+    assert (tmp_path / "grid" / "step_3.png").is_file()
+    bad = run(*common, "--world=anywhere")
+    assert bad.returncode != 0 and "config field 'world'" in bad.stderr
+
+
+def test_reduced_worlds_place_objects_as_named():
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from nano_shape_learning import TOKEN_PIXELS, reduced_world
+
+    rng = np.random.default_rng(0)
+    fixed = reduced_world("fixed", 8, rng)
+    assert {caption for _, caption in fixed} == {
+        f"a picture of a red {s}" for s in ("circle", "square", "triangle", "diamond")
+    }
+    assert all((s.objects[0].x, s.objects[0].y) == (32.0, 32.0) for s, _ in fixed)
+    grid = reduced_world("grid", 50, rng)
+    assert all(o.x % TOKEN_PIXELS == 0 and o.y % TOKEN_PIXELS == 0 for s, _ in grid for o in s.objects)
+    assert all(caption.endswith(s.objects[0].shape) for s, caption in grid)
+    free = reduced_world("free", 50, rng)
+    assert any(o.x % TOKEN_PIXELS for s, _ in free for o in s.objects)
