@@ -21,11 +21,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dopsd.config import parse_dataclass_args
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import shifted_sigmas
+from dopsd.nano.bootstrap import flow_matching_loss
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.world import Scene, WorldObject, render
 from dopsd.sampling import image_grid, sample_images
@@ -111,12 +110,8 @@ def main(config: ShapeLearningConfig) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, step / 100)
         chosen = torch.randint(len(items), (config.batch,), generator=generator)
-        x0 = latents[chosen]
         contexts = [features[items[i][1]] for i in chosen.tolist()]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = shifted_sigmas(config.batch, generator)
-        s = sigma.view(-1, 1, 1, 1)
-        loss = F.mse_loss(model.velocity((1 - s) * x0 + s * noise, sigma, contexts), noise - x0)
+        loss = flow_matching_loss(model, latents[chosen], contexts, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()

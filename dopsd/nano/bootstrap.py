@@ -235,6 +235,17 @@ def shifted_sigmas(batch: int, generator: torch.Generator, shift: float = 3.0) -
     return shift * s / (1 + (shift - 1) * s)
 
 
+def flow_matching_loss(
+    model: ZImageModel, latents: torch.Tensor, contexts: list[dict[str, torch.Tensor]], generator: torch.Generator
+) -> torch.Tensor:
+    """Rectified flow: the velocity (noise - x0) at a shifted random sigma on the straight path from x0 to noise."""
+    # Drawn on the CPU generator whatever the device, so a run resumes identically anywhere.
+    noise = torch.randn(latents.shape, generator=generator).to(model.device)
+    sigma = shifted_sigmas(len(latents), generator).to(model.device)
+    s = sigma.view(-1, 1, 1, 1)
+    return F.mse_loss(model.velocity((1 - s) * latents + s * noise, sigma, contexts), noise - latents)
+
+
 def contexts_for(
     model: ZImageModel,
     items: list[tuple[Scene, str]],
@@ -284,12 +295,7 @@ def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> Non
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         items, latents = pool.batch(config.pretrain_batch)
         contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng, config.caption_dropout)
-        # Drawn on the CPU generator whatever the device, so a run resumes identically anywhere.
-        noise = torch.randn(latents.shape, generator=generator).to(model.device)
-        sigma = shifted_sigmas(len(items), generator).to(model.device)
-        s = sigma.view(-1, 1, 1, 1)
-        v = model.velocity((1 - s) * latents + s * noise, sigma, contexts)
-        return F.mse_loss(v, noise - latents)
+        return flow_matching_loss(model, latents, contexts, generator)
 
     run_stage(
         "pretrain",
