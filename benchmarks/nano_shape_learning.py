@@ -24,9 +24,9 @@ import torch
 
 from dopsd.config import parse_dataclass_args
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import flow_matching_loss
+from dopsd.nano.bootstrap import encode_targets, flow_matching_loss
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.world import Scene, WorldObject, render
+from dopsd.nano.world import Scene, WorldObject
 from dopsd.sampling import image_grid, sample_images
 from evaluation.nano.detector import NanoDetector
 
@@ -91,12 +91,7 @@ def main(config: ShapeLearningConfig) -> list[dict]:
     transformer = model.pipeline.transformer
     transformer.requires_grad_(True)
     items = reduced_world(config.world, config.pool, rng)
-    latents = torch.cat(
-        [
-            model.to_latents([render(s) for s, _ in items[i : i + 256]], NANO_RESOLUTION, NANO_RESOLUTION)
-            for i in range(0, len(items), 256)
-        ]
-    )
+    latents = torch.cat([encode_targets(model, items[i : i + 256]) for i in range(0, len(items), 256)])
     captions = sorted({c for _, c in items})
     features = dict(zip(captions, model.encode_student(captions), strict=True))
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
