@@ -6,7 +6,19 @@ import pytest
 from dopsd.data import read_dataset
 from dopsd.nano.packs import PACKS, pack_prompts, write_pack
 from dopsd.nano.scenes import TASKS, SceneSampler, prompt_set, read_jsonl, relation_holds, write_jsonl
-from dopsd.nano.world import BACKGROUND, SHAPES, TEXTURES, Scene, Vocabulary, WorldObject, relayout, render
+from dopsd.nano.world import (
+    BACKGROUND,
+    GRID,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Scene,
+    Vocabulary,
+    WorldObject,
+    place_objects,
+    relayout,
+    render,
+)
 
 GENEVAL_KEYS = {"tag", "include", "exclude", "prompt"}
 
@@ -48,6 +60,20 @@ def test_task_items_follow_their_metadata(task):
             relation, target = meta["include"][1]["position"]
             anchor, mover = item.scene.objects
             assert target == 0 and relation_holds(mover, anchor, relation)
+
+
+def test_objects_sit_on_the_grid_apart_and_inside_the_canvas():
+    sampler = SceneSampler(Vocabulary(), np.random.default_rng(3))
+    for _ in range(200):
+        objects = sampler.random_scene().objects
+        for i, o in enumerate(objects):
+            assert o.x % GRID == 0 and o.y % GRID == 0 and o.radius == SIZES[o.size]
+            assert o.radius < o.x < 64 - o.radius and o.radius < o.y < 64 - o.radius
+            assert all(np.hypot(o.x - p.x, o.y - p.y) > o.radius + p.radius for p in objects[:i])
+    four_large = [{"shape": "circle", "colour": "red", "size": "large"}] * 4
+    placements = [place_objects(np.random.default_rng(seed), four_large) for seed in range(100)]
+    assert any(placements)  # counting scenes of four large objects exist (the sampler retries until one fits)
+    assert not all(placements)  # a crowded first pick can leave no room: place_objects says None, never overlaps
 
 
 def test_relation_rule_geometry():

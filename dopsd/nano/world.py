@@ -1,6 +1,9 @@
 """The nano world: plain-background images of 1-4 flat objects, rendered deterministically from a scene.
 
-An object has a shape, a colour, a texture, a size and a position. The visual space is deliberately richer than
+An object has a shape, a colour, a texture, a size and a position. Sizes are two fixed radii and centres sit on an
+8-pixel grid, upright: a shape then has one look per size, wherever it is. The nano model must learn to draw every
+look of a shape at every position it can take; on a 2-core CPU that decides whether it learns shape words at all
+(see data/nano/bootstrap/README.md). The visual space is deliberately richer than
 the words the base model is taught: some shapes, colours and textures are drawn in pretraining but never named
 in a caption, so that an image context (the teacher's) can carry concepts the text cannot. Concept packs later
 give those a word.
@@ -39,8 +42,11 @@ GENEVAL_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink",
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "crescent", "star", "heart", "ring", "arrow")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
-SIZES = {"small": (6.0, 8.0), "large": (10.0, 13.0)}
-"""Object radius range in pixels at IMAGE_SIZE, per size word."""
+SIZES = {"small": 7.0, "large": 11.0}
+"""Object radius in pixels at IMAGE_SIZE, per size word."""
+GRID = 8
+"""Object centres sit on multiples of this many pixels: one token of the nano transformer (4x VAE, patch 2), so a
+shape covers the same pattern of tokens wherever it sits."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,6 @@ class WorldObject:
     """Centre, pixels from the left."""
     y: float = 32.0
     """Centre, pixels from the top."""
-    angle: float = 0.0
-    """Rotation in degrees (shapes with a symmetry look the same at many angles)."""
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -128,9 +132,8 @@ def _polygon(shape: str, radius: float) -> list[tuple[float, float]]:
     raise ValueError(f"{shape} is not a polygon")
 
 
-def _rotate(points, degrees: float, cx: float, cy: float, scale: float):
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    return [((x * c - y * s + cx) * scale, (x * s + y * c + cy) * scale) for x, y in points]
+def _translate(points, cx: float, cy: float, scale: float):
+    return [((x + cx) * scale, (y + cy) * scale) for x, y in points]
 
 
 def _texture_fill(size: tuple[int, int], origin: tuple[int, int], texture: str, colour, scale: int) -> Image.Image:
@@ -159,7 +162,7 @@ def render(scene: Scene) -> Image.Image:
     k = SUPERSAMPLE
     canvas = Image.new("RGB", (scene.size * k, scene.size * k), scene.background)
     for obj in scene.objects:
-        reach = obj.radius * 1.5 + 2  # rotated outlines stay within 1.5 radius of the centre
+        reach = obj.radius * 1.15 + 2  # the heart's point reaches 1.15 radius from its centre
         x0, y0 = int((obj.x - reach) * k), int((obj.y - reach) * k)
         side = int(2 * reach * k) + 1
         mask = Image.new("L", (side, side), 0)
@@ -174,7 +177,7 @@ def render(scene: Scene) -> Image.Image:
                 shift = obj.radius * 0.7 * k
                 draw.ellipse((bx0 + shift, by0 - shift * 0.3, bx1 + shift, by1 - shift * 0.3), fill=0)
         else:
-            outline = _rotate(_polygon(obj.shape, obj.radius), obj.angle, obj.x - x0 / k, obj.y - y0 / k, k)
+            outline = _translate(_polygon(obj.shape, obj.radius), obj.x - x0 / k, obj.y - y0 / k, k)
             draw.polygon(outline, fill=255)
         paint = _texture_fill((side, side), (x0, y0), obj.texture, COLOURS[obj.colour], k)
         canvas.paste(paint, (x0, y0), mask)
@@ -194,23 +197,25 @@ class Vocabulary:
 
 
 def place_objects(
-    rng: np.random.Generator, specs: list[dict], size: int = IMAGE_SIZE, tries: int = 200
+    rng: np.random.Generator, specs: list[dict], size: int = IMAGE_SIZE
 ) -> tuple[WorldObject, ...] | None:
-    """Random non-overlapping placement of objects given as attribute dicts (None if they do not fit)."""
+    """Random non-overlapping placement of objects given as attribute dicts, each centre drawn from the grid points
+    still free (None if an object finds none)."""
     placed: list[WorldObject] = []
     for spec in specs:
-        low, high = SIZES[spec.get("size", "large")]
-        for _ in range(tries):
-            radius = float(rng.uniform(low, high))
-            x = float(rng.uniform(radius + 1, size - radius - 1))
-            y = float(rng.uniform(radius + 1, size - radius - 1))
-            # A gap of 3 pixels keeps anti-aliased edges of neighbours from touching.
-            if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 3 for o in placed):
-                angle = float(rng.uniform(-20, 20)) if spec["shape"] not in ("circle", "ring", "crescent") else 0.0
-                placed.append(WorldObject(radius=radius, x=x, y=y, angle=angle, **spec))
-                break
-        else:
+        radius = SIZES[spec.get("size", "large")]
+        axis = np.arange(math.ceil((radius + 1) / GRID), math.floor((size - radius - 1) / GRID) + 1) * GRID
+        # A gap of 3 pixels keeps anti-aliased edges of neighbours from touching.
+        free = [
+            (float(x), float(y))
+            for x in axis
+            for y in axis
+            if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 3 for o in placed)
+        ]
+        if not free:
             return None
+        x, y = free[int(rng.integers(len(free)))]
+        placed.append(WorldObject(radius=radius, x=x, y=y, **spec))
     return tuple(placed)
 
 
