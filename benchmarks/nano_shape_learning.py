@@ -9,6 +9,10 @@ and prints how often its samples show the named shape, every `every` steps:
     python benchmarks/nano_shape_learning.py --world grid --steps 1500   # centres on the 8-px token grid
 
 Worlds: `fixed` (4 centred images: the conditioning path alone), `grid`, `free` (any position).
+
+Measured (one seed each, 2-core CPU; shape hit at 250 / 500 / 750 / 1000 steps): free, lr 3e-4: 0.10 / - / 0.12 /
+0.12; grid, lr 3e-4: 0.08 / 0.15 / 0.10 / 0.23; grid, `--lr 1e-3`: 0.04 / 0.29 / 0.54 / - (stopped at 750, loss
+0.24). The nano world now puts centres on the grid and pretrains at 1e-3.
 """
 
 from __future__ import annotations

@@ -64,8 +64,10 @@ class BootstrapConfig:
     """Flow-matching pretraining steps."""
     pretrain_batch: int = 64
     """Pretraining batch size."""
-    pretrain_lr: float = 3e-4
-    """Pretraining learning rate (transformer and vision tower)."""
+    pretrain_lr: float = 1e-3
+    """Pretraining learning rate (transformer and vision tower). On the shape-learning diagnostic (one object,
+    centres on the grid, batch 64) 1e-3 made samples show the named shape 0.29 of the time at step 500, where 3e-4
+    reached 0.15 (and 0.23 at step 1000)."""
     pool_size: int = 8192
     """Pretraining items kept encoded in memory."""
     pool_refresh: int = 8
@@ -74,8 +76,7 @@ class BootstrapConfig:
     """Share of pretraining samples conditioned on [reference image + caption] instead of the caption."""
     caption_dropout: float = 0.1
     """Share of caption-only pretraining samples given the empty prompt instead, so that the model also learns
-    the unconditional velocity that classifier-free guidance extrapolates from. (The 4x run added it at step
-    2600.)"""
+    the unconditional velocity that classifier-free guidance extrapolates from."""
     distill_steps: int = 3000
     """Distillation steps."""
     distill_batch: int = 64
