@@ -3,10 +3,9 @@
 An object has a shape, a colour, a texture, a size and a position. Sizes are two fixed radii and centres sit on an
 8-pixel grid, upright: a shape then has one look per size, wherever it is. The nano model must learn to draw every
 look of a shape at every position it can take; on a 2-core CPU that decides whether it learns shape words at all
-(see data/nano/bootstrap/README.md). The visual space is deliberately richer than
-the words the base model is taught: some shapes, colours and textures are drawn in pretraining but never named
-in a caption, so that an image context (the teacher's) can carry concepts the text cannot. Concept packs later
-give those a word.
+(see data/nano/bootstrap/README.md). The visual space is deliberately richer than the words the base model is
+taught: some shapes, colours and textures are drawn in pretraining but never named in a caption, so that an image
+context (the teacher's) can carry concepts the text cannot. Concept packs later give those a word.
 """
 
 from __future__ import annotations
