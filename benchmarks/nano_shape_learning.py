@@ -30,14 +30,12 @@ from dopsd.config import parse_dataclass_args
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import encode_targets, flow_matching_loss
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.world import Scene, WorldObject
+from dopsd.nano.world import GRID, Scene, WorldObject
 from dopsd.sampling import image_grid, sample_images
 from evaluation.nano.detector import NanoDetector
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "crescent")
 COLOURS = ("red", "blue")
-TOKEN_PIXELS = 8
-"""Image pixels per transformer token (4x VAE, patch 2)."""
 
 
 @dataclass
@@ -72,7 +70,7 @@ def reduced_world(world: str, count: int, rng: np.random.Generator) -> list[tupl
     for _ in range(count):
         shape, colour = SHAPES[rng.integers(len(SHAPES))], COLOURS[rng.integers(len(COLOURS))]
         if world == "grid":
-            x, y = (float(16 + TOKEN_PIXELS * rng.integers(5)) for _ in range(2))
+            x, y = (float(16 + GRID * rng.integers(5)) for _ in range(2))
         else:
             x, y = (float(rng.uniform(16, 48)) for _ in range(2))
         obj = WorldObject(shape, colour, radius=float(rng.uniform(10, 13)), x=x, y=y)

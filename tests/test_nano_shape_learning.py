@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dopsd.nano.world import GRID
+
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_shape_learning.py"
 
 
@@ -28,7 +30,7 @@ def test_reduced_worlds_place_objects_as_named():
     import numpy as np
 
     sys.path.insert(0, str(SCRIPT.parent))
-    from nano_shape_learning import TOKEN_PIXELS, reduced_world
+    from nano_shape_learning import reduced_world
 
     rng = np.random.default_rng(0)
     fixed = reduced_world("fixed", 8, rng)
@@ -37,7 +39,7 @@ def test_reduced_worlds_place_objects_as_named():
     }
     assert all((s.objects[0].x, s.objects[0].y) == (32.0, 32.0) for s, _ in fixed)
     grid = reduced_world("grid", 50, rng)
-    assert all(o.x % TOKEN_PIXELS == 0 and o.y % TOKEN_PIXELS == 0 for s, _ in grid for o in s.objects)
+    assert all(o.x % GRID == 0 and o.y % GRID == 0 for s, _ in grid for o in s.objects)
     assert all(caption.endswith(s.objects[0].shape) for s, caption in grid)
     free = reduced_world("free", 50, rng)
-    assert any(o.x % TOKEN_PIXELS for s, _ in free for o in s.objects)
+    assert any(o.x % GRID for s, _ in free for o in s.objects)
