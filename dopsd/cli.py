@@ -201,6 +201,9 @@ def nano_bootstrap(
     distill_steps: Annotated[int | None, typer.Option(help="Distillation steps.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     device: Annotated[str, typer.Option(help="cuda or cpu (default: cuda when available).")] = "",
+    compile_blocks: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="Compile the transformer's repeated blocks.")
+    ] = True,
     export_to: Annotated[Path | None, typer.Option(help="Copy the finished model folder here.")] = None,
 ) -> None:
     """Build the nano model: VAE, pretraining, distillation to 4 steps. Resumes from the work folder's newest
@@ -209,7 +212,7 @@ def nano_bootstrap(
 
     steps = {"vae_steps": vae_steps, "pretrain_steps": pretrain_steps, "distill_steps": distill_steps}
     chosen = {k: v for k, v in steps.items() if v is not None}
-    config = BootstrapConfig(workdir=str(workdir), threads=threads, device=device, **chosen)
+    config = BootstrapConfig(workdir=str(workdir), threads=threads, device=device, compile=compile_blocks, **chosen)
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")

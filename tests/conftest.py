@@ -44,6 +44,9 @@ def tiny_bootstrap_config(workdir, **overrides) -> BootstrapConfig:
         refresh_every=2,
         checkpoint_every=1,
         threads=1,
+        compile=False,
+        pretrain_decay_steps=1,
+        distill_decay_steps=1,
     )
     return BootstrapConfig(**{**values, **overrides})
 

@@ -121,3 +121,14 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     assert probes[1]["premise"][0]["samples"] == 12 * 2
     missing = subprocess.run([*command, "--stage", "vae"], capture_output=True, text=True)
     assert missing.returncode != 0 and "no vae checkpoint" in missing.stderr + missing.stdout
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_zero():
+    from dopsd.nano.bootstrap import learning_rate
+
+    rates = [learning_rate(1.0, step, 1000, decay_steps=100, warmup_steps=10) for step in range(1000)]
+    assert rates[0] == 0.1 and rates[9] == 1.0
+    assert all(r == 1.0 for r in rates[9:900])
+    assert rates[950] == 0.5 and rates[-1] == 0.01
+    assert all(a > b for a, b in zip(rates[900:], rates[901:], strict=False))
+    assert learning_rate(1.0, 500, 1000, decay_steps=0, warmup_steps=10) == 1.0
