@@ -33,6 +33,8 @@ def tiny_bootstrap_config(workdir, **overrides) -> BootstrapConfig:
         workdir=str(workdir),
         vae_steps=2,
         vae_batch=4,
+        vision_steps=2,
+        vision_batch=2,
         pretrain_steps=2,
         pretrain_batch=4,
         pool_size=16,

@@ -15,9 +15,13 @@ from tests.conftest import tiny_bootstrap_config
 def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     config = tiny_bootstrap_config(tmp_path / "boot")
     logs = []
-    bootstrap(config, stages=("vae", "pretrain"), log=logs.append)
+    bootstrap(config, stages=("vae",), log=logs.append)
+    initial_tower = load_file(str(config.model_dir / "teacher_encoder" / "model.safetensors"))
+    bootstrap(config, stages=("vision", "pretrain"), log=logs.append)
     done = json.loads((tmp_path / "boot" / "done.json").read_text())
-    assert list(done) == ["vae", "pretrain"] and "CPU" in done["vae"]["machine"]
+    assert list(done) == ["vae", "vision", "pretrain"] and "CPU" in done["vae"]["machine"]
+    tower = load_file(str(config.model_dir / "teacher_encoder" / "model.safetensors"))
+    assert any(not torch.equal(initial_tower[k], tower[k]) for k in tower if ".visual." in k)  # the vision stage
     vae_config = json.loads((config.model_dir / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # latents normalised from the trained encoder
     pretrained = load_file(str(tmp_path / "boot" / "checkpoints" / "pretrain" / "transformer.safetensors"))
@@ -31,7 +35,7 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert len(logs) == before  # finished stages are not run again
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), stages=("pretrain",), log=logs.append)
     assert "pretrain: resuming at step 2" in logs and "pretrain: step 3/3" in " ".join(logs)
-    assert list(json.loads((tmp_path / "boot" / "done.json").read_text())) == ["vae", "pretrain"]  # distill again
+    assert list(json.loads((tmp_path / "boot" / "done.json").read_text())) == ["vae", "vision", "pretrain"]
 
     distilled = load_file(str(tmp_path / "boot" / "checkpoints" / "distill" / "transformer.safetensors"))
     assert any(not torch.equal(pretrained[k], distilled[k]) for k in pretrained)
@@ -46,6 +50,8 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert images[0].size == (NANO_RESOLUTION, NANO_RESOLUTION)
     model = load_model(str(config.model_dir))  # with its Qwen3-VL teacher encoder
     assert model.teacher_encoder is not None
+    frozen = load_file(str(config.model_dir / "teacher_encoder" / "model.safetensors"))
+    assert all(torch.equal(tower[k], frozen[k]) for k in tower if ".visual." in k)  # pretraining only reads it
 
 
 def test_caption_dropout_gives_the_empty_prompt_to_caption_only_samples(tiny_nano_bootstrap):
@@ -132,3 +138,18 @@ def test_learning_rate_warms_up_holds_then_decays_to_zero():
     assert rates[950] == 0.5 and rates[-1] == 0.01
     assert all(a > b for a, b in zip(rates[900:], rates[901:], strict=False))
     assert learning_rate(1.0, 500, 1000, decay_steps=0, warmup_steps=10) == 1.0
+
+
+def test_cell_labels_put_each_object_in_the_vision_token_over_its_centre():
+    from dopsd.nano.bootstrap import cell_labels
+    from dopsd.nano.world import COLOURS, SHAPES, TEXTURES, Scene, WorldObject
+
+    star = WorldObject("star", "teal", "striped", "small", 7.0, x=16, y=8)
+    circle = WorldObject("circle", "red", "plain", "large", 11.0, x=48, y=48)
+    labels = cell_labels(Scene((star, circle), size=64), cell=16)
+    assert labels.shape == (16, 4)
+    colours = list(COLOURS)
+    assert labels[1].tolist() == [SHAPES.index("star") + 1, colours.index("teal"), TEXTURES.index("striped"), 0]
+    assert labels[15].tolist() == [SHAPES.index("circle") + 1, colours.index("red"), TEXTURES.index("plain"), 1]
+    empty = [i for i in range(16) if i not in (1, 15)]
+    assert all(labels[i].tolist() == [0, -1, -1, -1] for i in empty)

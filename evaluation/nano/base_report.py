@@ -163,9 +163,6 @@ def probe_checkpoint(
         raise ValueError(f"no {stage} checkpoint in {folder} (stages with a model to probe: {list(STAGE_STEPS)})")
     model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
     model.pipeline.transformer.load_state_dict(load_file(str(folder / "transformer.safetensors")))
-    if (folder / "vision.safetensors").is_file():  # pretraining also trains the teacher's vision tower
-        assert model.teacher_encoder is not None
-        model.teacher_encoder.model.visual.load_state_dict(load_file(str(folder / "vision.safetensors")))
     records = first_per_task(read_metadata(prompts), limit)
     if guidance is None:
         guidance = bootstrap_guidance(workdir) if stage == "pretrain" else 0.0
