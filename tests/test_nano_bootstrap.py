@@ -4,6 +4,7 @@ import json
 
 import torch
 from diffusers import ZImagePipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from dopsd.models import load_model
@@ -98,6 +99,10 @@ def test_base_report_from_a_tiny_bootstrap(tmp_path, tiny_nano_bootstrap):
         and f"classifier-free guidance {tiny_nano_bootstrap.guidance}" in text
     )
     assert (tmp_path / "reports" / "nano_base.json").is_file()
+    # one row per prompt: reference, teacher, student (one seed); under a 12-px header of names
+    assert "[grid](nano_base_grids/premise_star.png)" in text
+    grid = Image.open(tmp_path / "reports" / "nano_base_grids" / "premise_star.png")
+    assert grid.size == (3 * NANO_RESOLUTION, 12 + 24 * NANO_RESOLUTION)
 
 
 def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_path):
@@ -125,6 +130,9 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     assert all(0 <= p["geneval_nano@4"]["overall"] <= 1 for p in probes)
     assert [r["pack"] for r in probes[1]["premise"]] == ["star", "teal", "striped"]
     assert probes[1]["premise"][0]["samples"] == 12 * 2
+    grids = Path(tiny_nano_bootstrap.workdir) / "probes"
+    assert Image.open(grids / "pretrain_2_star.png").size == (3 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
+    assert Image.open(grids / "distill_2_teal.png").size == (5 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
     missing = subprocess.run([*command, "--stage", "vae"], capture_output=True, text=True)
     assert missing.returncode != 0 and "no vae checkpoint" in missing.stderr + missing.stdout
 

@@ -34,8 +34,10 @@ def base_metrics(
     detector: Detector,
     seeds: Sequence[int] = (0, 1, 2),
     guidance: float = 0.0,
+    grids: Path | None = None,
 ) -> dict:
-    """`guidance`: the undistilled model's classifier-free guidance (the distilled model samples without)."""
+    """`guidance`: the undistilled model's classifier-free guidance (the distilled model samples without).
+    `grids`: a folder for each pack's premise samples, `premise_<pack>.png`."""
     model = ZImageModel.load(str(model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
     records = read_metadata(prompts)
     results: dict[str, dict] = {}
@@ -48,7 +50,12 @@ def base_metrics(
     reconstructions = model.to_images(model.to_latents([render(sc) for sc in scenes], NANO_RESOLUTION, NANO_RESOLUTION))
     vae = dataclasses.asdict(validate(detector, scenes, reconstructions))
     score("distilled@4", 4)
-    premise = [dataclasses.asdict(teacher_premise(model, pack, detector, seeds)) for pack in PACKS]
+    premise = [
+        dataclasses.asdict(
+            teacher_premise(model, pack, detector, seeds, grid=grids / f"premise_{pack.name}.png" if grids else None)
+        )
+        for pack in PACKS
+    ]
     model.pipeline.transformer.load_state_dict(load_file(str(undistilled_weights)))
     score("undistilled@4", 4, guidance)
     score("undistilled@32", 32, guidance)
@@ -62,7 +69,8 @@ def base_metrics(
     }
 
 
-def render_markdown(metrics: dict, command: str, bootstrap: dict) -> str:
+def render_markdown(metrics: dict, command: str, bootstrap: dict, grids: str) -> str:
+    """`grids`: the folder of the premise sample grids, relative to the report."""
     g = metrics["geneval_nano"]
     lines = [
         "# Nano base: GenEval-nano and the teacher premise",
@@ -82,14 +90,14 @@ def render_markdown(metrics: dict, command: str, bootstrap: dict) -> str:
         lines.append(f"| {model} | {steps} | {score.overall:.3f} | {tasks} |")
     lines += [
         "",
-        "| pack | teacher acc (ref + caption, 4 steps) | student acc (caption) | layout spread px | copies |",
-        "|---|---|---|---|---|",
+        "| pack | teacher acc (ref + caption, 4 steps) | student acc (caption) | layout spread px | copies | samples |",
+        "|---|---|---|---|---|---|",
     ]
     for row in metrics["premise"]:
         p = PremiseResult(**row)
         lines.append(
             f"| {p.pack} | {p.teacher_accuracy:.3f} | {p.student_accuracy:.3f} | {p.layout_spread:.1f} | "
-            f"{p.copies:.3f} |"
+            f"{p.copies:.3f} | [grid]({grids}/premise_{p.pack}.png) |"
         )
     vae = metrics["vae_reconstruction"]
     lines += [
@@ -125,11 +133,12 @@ def write_base_report(
 ) -> dict:
     workdir = Path(workdir)
     weights = workdir / "checkpoints" / "pretrain" / "transformer.safetensors"
-    metrics = base_metrics(workdir / "model", weights, prompts, detector, seeds, bootstrap_guidance(workdir))
-    bootstrap = json.loads((workdir / "done.json").read_text())
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(metrics, command, bootstrap))
+    grids = out.parent / f"{out.stem}_grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    metrics = base_metrics(workdir / "model", weights, prompts, detector, seeds, bootstrap_guidance(workdir), grids)
+    bootstrap = json.loads((workdir / "done.json").read_text())
+    out.write_text(render_markdown(metrics, command, bootstrap, grids.name))
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -171,10 +180,20 @@ def probe_checkpoint(
     for steps in (32, 4):
         geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION, guidance)
         result[f"geneval_nano@{steps}"] = dataclasses.asdict(geneval)
+    grids = workdir / "probes"
+    grids.mkdir(exist_ok=True)
     result["premise"] = [
         dataclasses.asdict(
             teacher_premise(
-                model, pack, detector, seeds, STAGE_STEPS[stage], premise_prompts, NANO_RESOLUTION, guidance=guidance
+                model,
+                pack,
+                detector,
+                seeds,
+                STAGE_STEPS[stage],
+                premise_prompts,
+                NANO_RESOLUTION,
+                guidance=guidance,
+                grid=grids / f"{stage}_{result['step']}_{pack.name}.png",
             )
         )
         for pack in PACKS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,7 @@ from dopsd.nano.world import relayout, render
 from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detector
 from evaluation.nano.geneval_nano import score_images
+from evaluation.suite import labelled_grid
 
 COPY_DISTANCE = 2.0
 """Pixels: a sample whose foreground centre sits this close to the reference's counts as a copy."""
@@ -60,7 +62,10 @@ def teacher_premise(
     resolution: int = 64,
     seed: int = 0,
     guidance: float = 0.0,
+    grid: str | Path | None = None,
 ) -> PremiseResult:
+    """`grid`: where to write the samples as a PNG, one row per prompt: the reference, the teacher's sample for each
+    seed, then the student's."""
     items = pack_items(pack, prompts)
     rng = np.random.default_rng(seed)
     references = [render(relayout(item.scene, rng)) for item in items]
@@ -71,6 +76,12 @@ def teacher_premise(
     student_images = sample_images(model, student_contexts, seeds, steps, resolution, guidance=guidance)
     teacher_score, _ = score_images(teacher_images, records, detector)
     student_score, _ = score_images(student_images, records, detector)
+    if grid is not None:
+        columns = {"reference": references}
+        for name, images in (("teacher", teacher_images), ("student", student_images)):
+            for k, seed in enumerate(seeds):
+                columns[f"{name} {seed}"] = images[k :: len(seeds)]
+        labelled_grid(columns).save(grid)
     centres = np.array([foreground_centre(im) for im in teacher_images]).reshape(len(items), len(seeds), 2)
     spreads = [
         np.linalg.norm(centres[i, a] - centres[i, b])
