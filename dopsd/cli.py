@@ -332,8 +332,9 @@ def nano_probe(
         typer.echo(f"  GenEval-nano @{steps}: {score['overall']:.3f} ({tasks})")
     for row in result["premise"]:
         typer.echo(
-            f"  premise {row['pack']}: teacher {row['teacher_accuracy']:.3f}, student {row['student_accuracy']:.3f}, "
-            f"layout spread {row['layout_spread']:.1f} px, copies {row['copies']:.2f}"
+            f"  premise {row['pack']}: concept shown by teacher {row['teacher_concept']:.3f}, student "
+            f"{row['student_concept']:.3f}; prompt correct teacher {row['teacher_accuracy']:.3f}, student "
+            f"{row['student_accuracy']:.3f}; layout spread {row['layout_spread']:.1f} px, copies {row['copies']:.2f}"
         )
 
 

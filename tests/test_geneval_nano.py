@@ -1,14 +1,18 @@
 """GenEval-nano end to end: ground-truth renders score near the ceiling, a model's samples run through the same path."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from dopsd.models import ZImageModel
+from dopsd.nano.packs import PACKS, pack_items
 from dopsd.nano.scenes import TASKS, SceneSampler
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import sample_images
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.geneval_nano import geneval_nano, score_images
+from evaluation.nano.premise import shows_concept
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +26,27 @@ def test_renders_of_each_prompt_score_at_the_ceiling(detector):
     score, verdicts = score_images([render(i.scene) for i in items], [i.metadata for i in items], detector)
     assert set(score.tasks) == set(TASKS)
     assert score.overall >= 0.95, [v.reason for v in verdicts if not v.correct]
+
+
+def test_the_concept_is_found_in_renders_of_its_pack_and_not_once_it_is_replaced(detector):
+    # the pack's scenes with the concept swapped for a base attribute: the same layouts, nothing new to find
+    base_attribute = {"shape": ("shape", "square"), "colour": ("colour", "blue"), "texture": ("texture", "plain")}
+    for pack in PACKS:
+        scenes = [item.scene for item in pack_items(pack)]
+        field, value = base_attribute[pack.kind]
+        replaced = [
+            dataclasses.replace(
+                scene,
+                objects=tuple(
+                    dataclasses.replace(o, **{field: value}) if getattr(o, field) == pack.word else o
+                    for o in scene.objects
+                ),
+            )
+            for scene in scenes
+        ]
+        shown = [shows_concept(pack, d) for d in detector.detect([render(scene) for scene in scenes])]
+        assert np.mean(shown) >= 0.95, pack.name
+        assert not any(shows_concept(pack, d) for d in detector.detect([render(scene) for scene in replaced]))
 
 
 def test_model_samples_are_scored_per_prompt_and_seed(tiny_zimage_path, detector):

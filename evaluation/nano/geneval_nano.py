@@ -9,7 +9,7 @@ from PIL import Image
 
 from dopsd.models.base import FewStepModel
 from dopsd.sampling import sample_images
-from evaluation.geneval.detection import Detector
+from evaluation.geneval.detection import Detection, Detector
 from evaluation.geneval.rules import GenevalScore, Verdict, aggregate, evaluate_image
 
 
@@ -17,7 +17,13 @@ def score_images(
     images: Sequence[Image.Image], records: Sequence[dict], detector: Detector
 ) -> tuple[GenevalScore, list[Verdict]]:
     """Score images against the records they were made for (images and records in the same order)."""
-    detections = detector.detect(images)
+    return score_detections(images, detector.detect(images), records)
+
+
+def score_detections(
+    images: Sequence[Image.Image], detections: Sequence[Sequence[Detection]], records: Sequence[dict]
+) -> tuple[GenevalScore, list[Verdict]]:
+    """Score images whose detections are already known."""
     verdicts = [evaluate_image(im, d, r) for im, d, r in zip(images, detections, records, strict=True)]
     return aggregate(verdicts), verdicts
 

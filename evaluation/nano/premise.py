@@ -20,8 +20,8 @@ from dopsd.models.zimage import ZImageModel
 from dopsd.nano.packs import ConceptPack, pack_items
 from dopsd.nano.world import relayout, render
 from dopsd.sampling import sample_images
-from evaluation.geneval.detection import Detector
-from evaluation.nano.geneval_nano import score_images
+from evaluation.geneval.detection import Detection, Detector
+from evaluation.nano.geneval_nano import score_detections
 from evaluation.suite import labelled_grid
 
 COPY_DISTANCE = 2.0
@@ -31,8 +31,14 @@ COPY_DISTANCE = 2.0
 @dataclass
 class PremiseResult:
     pack: str
+    teacher_concept: float
+    """Share of teacher samples in which the detector finds an object carrying the pack's concept (its shape,
+    colour or texture), whatever else the prompt asks: does the teacher draw what it was shown?"""
+    student_concept: float
+    """The same with the prompt alone."""
     teacher_accuracy: float
-    """Share of teacher samples the GenEval rules judge correct for the pack prompt (the concept included)."""
+    """Share of teacher samples the GenEval rules judge correct for the whole pack prompt (concept, counts,
+    positions, other objects)."""
     student_accuracy: float
     """The same with the prompt alone."""
     layout_spread: float
@@ -50,6 +56,11 @@ def foreground_centre(image: Image.Image) -> np.ndarray:
         return np.array([np.nan, np.nan])
     ys, xs = np.nonzero(mask)
     return np.array([xs.mean(), ys.mean()])
+
+
+def shows_concept(pack: ConceptPack, detections: Sequence[Detection]) -> bool:
+    attribute = {"shape": "cls", "colour": "colour", "texture": "texture"}[pack.kind]
+    return any(getattr(detection, attribute) == pack.word for detection in detections)
 
 
 def teacher_premise(
@@ -74,8 +85,9 @@ def teacher_premise(
     teacher_contexts, student_contexts = model.encode_teacher(captions, references), model.encode_student(captions)
     teacher_images = sample_images(model, teacher_contexts, seeds, steps, resolution, guidance=guidance)
     student_images = sample_images(model, student_contexts, seeds, steps, resolution, guidance=guidance)
-    teacher_score, _ = score_images(teacher_images, records, detector)
-    student_score, _ = score_images(student_images, records, detector)
+    teacher_detections, student_detections = detector.detect(teacher_images), detector.detect(student_images)
+    teacher_score, _ = score_detections(teacher_images, teacher_detections, records)
+    student_score, _ = score_detections(student_images, student_detections, records)
     if grid is not None:
         columns = {"reference": references}
         for name, images in (("teacher", teacher_images), ("student", student_images)):
@@ -92,6 +104,8 @@ def teacher_premise(
     distances = np.linalg.norm(centres - reference_centres[:, None, :], axis=-1)
     return PremiseResult(
         pack=pack.name,
+        teacher_concept=float(np.mean([shows_concept(pack, d) for d in teacher_detections])),
+        student_concept=float(np.mean([shows_concept(pack, d) for d in student_detections])),
         teacher_accuracy=teacher_score.overall or 0.0,
         student_accuracy=student_score.overall or 0.0,
         layout_spread=float(np.nanmean(spreads)) if spreads else float("nan"),
