@@ -30,23 +30,26 @@ def test_renders_of_each_prompt_score_at_the_ceiling(detector):
 
 def test_the_concept_is_found_in_renders_of_its_pack_and_not_once_it_is_replaced(detector):
     # the pack's scenes with the concept swapped for a base attribute: the same layouts, nothing new to find
-    base_attribute = {"shape": ("shape", "square"), "colour": ("colour", "blue"), "texture": ("texture", "plain")}
+    base_value = {"shape": "square", "colour": "blue", "texture": "plain"}
     for pack in PACKS:
-        scenes = [item.scene for item in pack_items(pack)]
-        field, value = base_attribute[pack.kind]
+        items = pack_items(pack)
         replaced = [
             dataclasses.replace(
-                scene,
+                item.scene,
                 objects=tuple(
-                    dataclasses.replace(o, **{field: value}) if getattr(o, field) == pack.word else o
-                    for o in scene.objects
+                    dataclasses.replace(o, **{pack.kind: base_value[pack.kind]})
+                    if getattr(o, pack.kind) == pack.word
+                    else o
+                    for o in item.scene.objects
                 ),
             )
-            for scene in scenes
+            for item in items
         ]
-        shown = [shows_concept(pack, d) for d in detector.detect([render(scene) for scene in scenes])]
-        assert np.mean(shown) >= 0.95, pack.name
-        assert not any(shows_concept(pack, d) for d in detector.detect([render(scene) for scene in replaced]))
+        tags = [item.metadata["tag"] for item in items]
+        found = detector.detect([render(item.scene) for item in items])
+        assert np.mean([shows_concept(pack, d, tag) for d, tag in zip(found, tags, strict=True)]) >= 0.95, pack.name
+        found = detector.detect([render(scene) for scene in replaced])
+        assert not any(shows_concept(pack, d, tag) for d, tag in zip(found, tags, strict=True)), pack.name
 
 
 def test_model_samples_are_scored_per_prompt_and_seed(tiny_zimage_path, detector):

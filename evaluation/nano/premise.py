@@ -21,6 +21,7 @@ from dopsd.nano.packs import ConceptPack, pack_items
 from dopsd.nano.world import relayout, render
 from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detection, Detector
+from evaluation.geneval.rules import keep_detections
 from evaluation.nano.geneval_nano import score_detections
 from evaluation.suite import labelled_grid
 
@@ -58,9 +59,16 @@ def foreground_centre(image: Image.Image) -> np.ndarray:
     return np.array([xs.mean(), ys.mean()])
 
 
-def shows_concept(pack: ConceptPack, detections: Sequence[Detection]) -> bool:
+def shows_concept(pack: ConceptPack, detections: Sequence[Detection], tag: str) -> bool:
+    """Whether a detection the GenEval rules would keep for a `tag` prompt carries the pack's concept."""
     attribute = {"shape": "cls", "colour": "colour", "texture": "texture"}[pack.kind]
-    return any(getattr(detection, attribute) == pack.word for detection in detections)
+    kept = keep_detections(detections, tag).values()
+    return any(getattr(detection, attribute) == pack.word for found in kept for detection in found)
+
+
+def concept_share(pack: ConceptPack, detections: Sequence[Sequence[Detection]], records: Sequence[dict]) -> float:
+    """Share of images (detections and records in the same order) that show the pack's concept."""
+    return float(np.mean([shows_concept(pack, d, r["tag"]) for d, r in zip(detections, records, strict=True)]))
 
 
 def teacher_premise(
@@ -104,8 +112,8 @@ def teacher_premise(
     distances = np.linalg.norm(centres - reference_centres[:, None, :], axis=-1)
     return PremiseResult(
         pack=pack.name,
-        teacher_concept=float(np.mean([shows_concept(pack, d) for d in teacher_detections])),
-        student_concept=float(np.mean([shows_concept(pack, d) for d in student_detections])),
+        teacher_concept=concept_share(pack, teacher_detections, records),
+        student_concept=concept_share(pack, student_detections, records),
         teacher_accuracy=teacher_score.overall or 0.0,
         student_accuracy=student_score.overall or 0.0,
         layout_spread=float(np.nanmean(spreads)) if spreads else float("nan"),
