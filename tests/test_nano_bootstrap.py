@@ -133,6 +133,9 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     grids = Path(tiny_nano_bootstrap.workdir) / "probes"
     assert Image.open(grids / "pretrain_2_star.png").size == (3 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
     assert Image.open(grids / "distill_2_teal.png").size == (5 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
+    # GenEval samples: one row per prompt, a column per step count and seed
+    assert Image.open(grids / "pretrain_2_geneval.png").size == (2 * NANO_RESOLUTION, 12 + 6 * NANO_RESOLUTION)
+    assert Image.open(grids / "distill_2_geneval.png").size == (4 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
     missing = subprocess.run([*command, "--stage", "vae"], capture_output=True, text=True)
     assert missing.returncode != 0 and "no vae checkpoint" in missing.stderr + missing.stdout
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
 from safetensors.torch import load_file
 
 from dopsd.models.zimage import ZImageModel
@@ -25,6 +26,7 @@ from evaluation.nano.geneval_nano import geneval_nano
 from evaluation.nano.premise import PremiseResult, teacher_premise
 from evaluation.nano.train_detector import validate, world_scenes
 from evaluation.prompt_sets import first_per_task
+from evaluation.suite import labelled_grid
 
 
 def base_metrics(
@@ -171,7 +173,8 @@ def probe_checkpoint(
     """Score a stage's newest checkpoint while the bootstrap runs: GenEval-nano at 32 and 4 steps on the first
     `limit` prompts of each task, and the teacher premise per pack at the stage's own step count, all with
     `guidance` (default: the bootstrap's for pretraining, none for the distilled model). Each probe is
-    appended to `<workdir>/probes.jsonl`, so the trend of a long run is kept."""
+    appended to `<workdir>/probes.jsonl`, so the trend of a long run is kept, and its samples are drawn in
+    `<workdir>/probes/<stage>_<step>_{geneval,<pack>}.png`."""
     workdir = Path(workdir)
     folder = workdir / "checkpoints" / stage
     if stage not in STAGE_STEPS or not (folder / "step.json").is_file():
@@ -183,11 +186,16 @@ def probe_checkpoint(
         guidance = bootstrap_guidance(workdir) if stage == "pretrain" else 0.0
     result: dict = {"stage": stage, **json.loads((folder / "step.json").read_text()), "prompts": len(records)}
     result["guidance"] = guidance
-    for steps in (32, 4):
-        geneval, _, _ = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION, guidance)
-        result[f"geneval_nano@{steps}"] = dataclasses.asdict(geneval)
     grids = workdir / "probes"
     grids.mkdir(exist_ok=True)
+    columns: dict[str, list[Image.Image]] = {}
+    for steps in (32, 4):
+        geneval, _, images = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION, guidance)
+        result[f"geneval_nano@{steps}"] = dataclasses.asdict(geneval)
+        for k, seed in enumerate(seeds):
+            columns[f"@{steps} {seed}"] = images[k :: len(seeds)]
+    # One row per prompt, in the prompts' order: where a task family fails, the samples show how.
+    labelled_grid(columns).save(grids / f"{stage}_{result['step']}_geneval.png")
     result["premise"] = [
         dataclasses.asdict(
             teacher_premise(
