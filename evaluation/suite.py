@@ -204,6 +204,11 @@ def set_metrics(
     return metrics, unavailable
 
 
+def seed_columns(name: str, images: Sequence[Image.Image], seeds: Sequence[int]) -> dict[str, list[Image.Image]]:
+    """Samples in `sample_images` order (prompt-major, then seed) as one grid column per seed, `<name> <seed>`."""
+    return {f"{name} {seed}": list(images[k :: len(seeds)]) for k, seed in enumerate(seeds)}
+
+
 def labelled_grid(columns: dict[str, list[Image.Image]]) -> Image.Image:
     """One column per model (its name on top), one row per prompt."""
     names = list(columns)

@@ -26,7 +26,7 @@ from evaluation.nano.geneval_nano import geneval_nano
 from evaluation.nano.premise import PremiseResult, teacher_premise
 from evaluation.nano.train_detector import validate, world_scenes
 from evaluation.prompt_sets import first_per_task
-from evaluation.suite import labelled_grid
+from evaluation.suite import labelled_grid, seed_columns
 
 
 def base_metrics(
@@ -192,8 +192,7 @@ def probe_checkpoint(
     for steps in (32, 4):
         geneval, _, images = geneval_nano(model, records, seeds, steps, detector, NANO_RESOLUTION, guidance)
         result[f"geneval_nano@{steps}"] = dataclasses.asdict(geneval)
-        for k, seed in enumerate(seeds):
-            columns[f"@{steps} {seed}"] = images[k :: len(seeds)]
+        columns |= seed_columns(f"@{steps}", images, seeds)
     # One row per prompt, in the prompts' order: where a task family fails, the samples show how.
     labelled_grid(columns).save(grids / f"{stage}_{result['step']}_geneval.png")
     result["premise"] = [

@@ -23,7 +23,7 @@ from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detection, Detector
 from evaluation.geneval.rules import keep_detections
 from evaluation.nano.geneval_nano import score_detections
-from evaluation.suite import labelled_grid
+from evaluation.suite import labelled_grid, seed_columns
 
 COPY_DISTANCE = 2.0
 """Pixels: a sample whose foreground centre sits this close to the reference's counts as a copy."""
@@ -97,11 +97,8 @@ def teacher_premise(
     teacher_score, _ = score_detections(teacher_images, teacher_detections, records)
     student_score, _ = score_detections(student_images, student_detections, records)
     if grid is not None:
-        columns = {"reference": references}
-        for name, images in (("teacher", teacher_images), ("student", student_images)):
-            for k, seed in enumerate(seeds):
-                columns[f"{name} {seed}"] = images[k :: len(seeds)]
-        labelled_grid(columns).save(grid)
+        columns = {"reference": references, **seed_columns("teacher", teacher_images, seeds)}
+        labelled_grid(columns | seed_columns("student", student_images, seeds)).save(grid)
     centres = np.array([foreground_centre(im) for im in teacher_images]).reshape(len(items), len(seeds), 2)
     spreads = [
         np.linalg.norm(centres[i, a] - centres[i, b])
