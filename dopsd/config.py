@@ -88,6 +88,9 @@ class TrainConfig:
     """Roll-out steps for rollout=model."""
     grad_steps: int = 0
     """Train on this many random roll-out states per step, forward-only for the rest (0: all)."""
+    loss_max_sigma: float = 1.0
+    """Roll-out states above this sigma are visited but get no loss: there the teacher, seeing the image, lays the
+    scene out anew rather than following the student's noise, and the student can only average its layouts."""
     backward_per_step: bool = True
     """Backward after each roll-out step (frees its graph; same gradient as one summed backward)."""
     checkpoint_every: int = 250

@@ -34,11 +34,18 @@ class DopsdOutput:
     """The detached student states x_k the roll-out visited (one per step of the schedule)."""
 
 
-def rollout_steps_to_train(num_steps: int, grad_steps: int, generator: torch.Generator | None) -> list[int]:
-    """Indices of the roll-out steps that get a loss and a backward; grad_steps <= 0 or >= K means all."""
-    if grad_steps <= 0 or grad_steps >= num_steps:
-        return list(range(num_steps))
-    return sorted(torch.randperm(num_steps, generator=generator)[:grad_steps].tolist())
+def rollout_steps_to_train(
+    sigmas: torch.Tensor, grad_steps: int, generator: torch.Generator | None, loss_max_sigma: float = 1.0
+) -> list[int]:
+    """Indices of the roll-out steps that get a loss and a backward: those whose sigma is at most `loss_max_sigma`,
+    of which `grad_steps` drawn at random (grad_steps <= 0, or at least their number, means all of them)."""
+    eligible = [k for k in range(len(sigmas) - 1) if float(sigmas[k]) <= loss_max_sigma]
+    if not eligible:
+        raise ValueError(f"loss_max_sigma {loss_max_sigma} is below every roll-out sigma {sigmas[:-1].tolist()}")
+    if grad_steps <= 0 or grad_steps >= len(eligible):
+        return eligible
+    drawn = torch.randperm(len(eligible), generator=generator)[:grad_steps].tolist()
+    return sorted(eligible[i] for i in drawn)
 
 
 def prediction_distance(v_student, v_teacher, states, sigma, target: Target) -> torch.Tensor:
@@ -59,6 +66,7 @@ def dopsd_loss(
     target: Target = "x0",
     teacher: TeacherKind = "ema",
     grad_steps: int = 0,
+    loss_max_sigma: float = 1.0,
     generator: torch.Generator | None = None,
     backward: Callable[[torch.Tensor, bool], None] | None = None,
 ) -> DopsdOutput:
@@ -71,7 +79,7 @@ def dopsd_loss(
     transformer = model.pipeline.transformer
     teacher_adapter = TEACHER_ADAPTER[teacher]
     num_steps = len(sigmas) - 1
-    trained = rollout_steps_to_train(num_steps, grad_steps, generator)
+    trained = rollout_steps_to_train(sigmas, grad_steps, generator, loss_max_sigma)
     x = noise.float()
     states: list[torch.Tensor] = []
     terms: list[torch.Tensor] = []

@@ -297,6 +297,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                         target=config.target,
                         teacher=config.teacher,
                         grad_steps=config.grad_steps,
+                        loss_max_sigma=config.loss_max_sigma,
                         generator=generators["noise"],
                         backward=functools.partial(backward_share, final_micro=last_micro)
                         if config.backward_per_step

@@ -149,7 +149,20 @@ def test_velocity_target_and_grad_steps(model):
         generator=torch.Generator().manual_seed(0),
     )
     assert len(sub.step_losses) == 2 and len(sub.states) == 4
-    assert rollout_steps_to_train(4, 0, None) == [0, 1, 2, 3]
+    assert rollout_steps_to_train(SIGMAS, 0, None) == [0, 1, 2, 3]
+
+
+def test_loss_max_sigma_trains_only_the_later_states(model):
+    perturb_student(model)
+    student = model.encode_student(PROMPTS)
+    teacher = model.encode_teacher(PROMPTS, images(2))
+    every = dopsd_loss(model, student, teacher, noise(model), SIGMAS)
+    late = dopsd_loss(model, student, teacher, noise(model), SIGMAS, loss_max_sigma=0.75)
+    # The roll-out visits every state; only those at sigma <= 0.75 (.75 and .5) carry a loss, the same as before.
+    assert len(late.states) == 4 and late.step_losses == pytest.approx(every.step_losses[2:], rel=1e-5)
+    assert rollout_steps_to_train(SIGMAS, 1, torch.Generator().manual_seed(0), loss_max_sigma=0.75) in ([2], [3])
+    with pytest.raises(ValueError, match="loss_max_sigma 0.1 is below every roll-out sigma"):
+        rollout_steps_to_train(SIGMAS, 0, None, loss_max_sigma=0.1)
 
 
 def test_sft_loss_is_flow_matching(model):
