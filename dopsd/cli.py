@@ -111,18 +111,26 @@ def demo(
     world: Annotated[Path, typer.Option(help="The nano world (prompts and concept packs).")] = Path("data/nano/world"),
     pack: Annotated[str, typer.Option(help="Concept pack to learn.")] = "star",
     steps: Annotated[int, typer.Option(help="Training steps (0: the preset's).")] = 0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field of the nano preset, repeatable: --set lr=1e-3.")
+    ] = None,
 ) -> None:
     """Teach the nano base a concept pack with a D-OPSD round, then score base and adapter at 4 steps: the new
-    concept's accuracy, retention of held-out base prompts, side-by-side grids. Until the nano model is built,
-    a tiny random model stands in."""
-    from dopsd.demo import run_demo, run_nano_demo
+    concept's accuracy, retention of held-out base prompts, side-by-side grids."""
+    from dopsd.config import parse_overrides
+    from dopsd.demo import run_nano_demo
 
-    if (Path(model) / "model_index.json").is_file():
-        lines = run_nano_demo(workdir, model, world, pack, steps)
-    else:
-        typer.echo(f"no nano model in {model} yet (dopsd nano bootstrap builds it): a tiny random model stands in")
-        lines = run_demo(workdir, steps or 40)
-    for line in lines:
+    try:
+        overrides = parse_overrides(set_ or [])
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--set") from None
+    if not (Path(model) / "model_index.json").is_file():
+        raise typer.BadParameter(
+            f"{model} holds no pipeline (model_index.json): give the nano base, which `dopsd nano bootstrap "
+            "--export-to` writes",
+            param_hint="--model",
+        )
+    for line in run_nano_demo(workdir, model, world, pack, steps, overrides=overrides):
         typer.echo(line)
 
 

@@ -163,6 +163,20 @@ def coerce(name: str, value: Any, cls: type = TrainConfig) -> Any:
         raise ValueError(f"config field {name!r}: bad value {value!r} ({error})") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`field=value` strings (as `dopsd demo --set` takes them) -> TrainConfig overrides of the field's type."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in known:
+            raise ValueError(
+                f"bad override {pair!r}: expected FIELD=VALUE with FIELD a config field (dopsd train --help)"
+            )
+        overrides[name] = coerce(name, value)
+    return overrides
+
+
 def parse_dataclass_args(cls: type, argv: list[str], description: str) -> Any:
     """A `--field-name value` option per field of the dataclass `cls`, its docstring as help; values coerced."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,9 +1,12 @@
-"""The README's main job, run as the program: a D-OPSD round on the nano world scored before and after, and the
-tiny stand-in while no nano model is built."""
+"""The README's main job, run as the program: a D-OPSD round on the nano world scored before and after."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from dopsd.config import make_config
 
 DOPSD = Path(sys.executable).parent / "dopsd"
 
@@ -12,17 +15,34 @@ def demo(*options):
     return subprocess.run([str(DOPSD), "demo", *options], capture_output=True, text=True, check=True).stdout
 
 
+def demo_error(*options) -> str:
+    """The demo's error message; a wide terminal, so the error box does not wrap it."""
+    run = subprocess.run(
+        [str(DOPSD), "demo", *options], capture_output=True, text=True, env={**os.environ, "COLUMNS": "1000"}
+    )
+    assert run.returncode != 0
+    return run.stderr
+
+
 def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_bootstrap, tiny_world):
-    options = [f"--model={tiny_nano_bootstrap.model_dir}", f"--world={tiny_world}", "--steps=2"]
-    shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal")
+    options = [f"--model={tiny_nano_bootstrap.model_dir}", f"--world={tiny_world}", "--steps=2", "--set=lr=2e-4"]
+    shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal", "--set", "teacher=base")
     assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps" in shown
     for name in ("base", "dopsd"):
         assert f"{name} at 4 steps: teal accuracy " in shown
     assert (tmp_path / "round" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    trained = json.loads((tmp_path / "round" / "config.json").read_text())
+    assert (trained["lr"], trained["teacher"], trained["ema_decay"]) == (2e-4, "base", make_config("nano").ema_decay)
     assert (tmp_path / "eval" / "grids" / "concept.png").is_file() and (tmp_path / "eval" / "report.json").is_file()
 
 
-def test_demo_stands_in_with_a_tiny_model_until_the_nano_model_is_built(tmp_path):
-    shown = demo(f"--model={tmp_path / 'none'}", f"--workdir={tmp_path}", "--steps=2")
-    assert "a tiny random model stands in" in shown and "D-OPSD round: 2 steps" in shown
-    assert (tmp_path / "samples_before.png").is_file() and (tmp_path / "samples_after.png").is_file()
+def test_demo_names_a_missing_nano_model_and_how_to_build_it(tmp_path):
+    missing = tmp_path / "none"
+    error = demo_error(f"--model={missing}", f"--workdir={tmp_path}")
+    assert f"{missing} holds no pipeline" in error and "dopsd nano bootstrap --export-to" in error
+    assert not (tmp_path / "round").exists()
+
+
+def test_demo_names_a_bad_override(tmp_path):
+    assert "config field 'lr': bad value 'fast'" in demo_error(f"--workdir={tmp_path}", "--set", "lr=fast")
+    assert "bad override 'speed=2'" in demo_error(f"--workdir={tmp_path}", "--set", "speed=2")
