@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dopsd.data import read_dataset
-from dopsd.nano.packs import PACKS, pack_prompts, write_pack
+from dopsd.nano.packs import PACKS, concept_item, pack_prompts, write_pack
 from dopsd.nano.scenes import TASKS, SceneSampler, prompt_set, read_jsonl, relation_holds, write_jsonl
 from dopsd.nano.world import (
     BACKGROUND,
@@ -117,3 +117,16 @@ def test_concept_packs_land_as_user_data(tmp_path, pack):
     assert not {p["prompt"] for p in prompts} & {e.caption for e in examples}
     with pytest.raises(ValueError, match="at most 64"):
         write_pack(pack, tmp_path / "big", count=65)
+
+
+@pytest.mark.parametrize("pack", PACKS, ids=lambda p: p.name)
+def test_pack_captions_name_every_colour_of_the_same_scenes(pack):
+    """Training captions leave the student nothing to guess but the concept (see dopsd/nano/packs.py): every
+    object's colour is named, on the very scenes the sparse captions describe."""
+    for seed in range(20):
+        sparse = concept_item(pack, np.random.default_rng(seed), lead="")
+        dense = concept_item(pack, np.random.default_rng(seed), lead="", every_colour=True)
+        assert dense.scene == sparse.scene
+        words = dense.caption.split()
+        assert all(obj.colour in words for obj in dense.scene.objects), dense.caption
+        assert all("color" in clause for clause in dense.metadata["include"]), dense.metadata

@@ -3,6 +3,12 @@
 A pack names something the base model has drawn (in image contexts) but never had a word for: a new shape
 ("star"), a new colour ("teal") or a new texture ("striped"). Its held-out prompts use the evaluation phrasing and
 are disjoint from its training captions.
+
+Training captions name every colour they can, as a careful user (or a captioning VLM) would describe their data.
+This matters to D-OPSD: the teacher sees the image, the student only the caption, so whatever the caption leaves
+out (here, an object's colour) is information the student cannot have, and the loss regresses it to the pack's
+mean. Measured on the star pack, seed 0, 4 steps: with the colours of half the objects left out, D-OPSD kept
+retention 0.236 (base 0.589) and drew brown objects for every prompt; with every colour named, 0.501.
 """
 
 from __future__ import annotations
@@ -62,10 +68,14 @@ def _clause(pack: ConceptPack, spec: dict, count: int, with_colour: bool) -> dic
     return clause
 
 
-def concept_item(pack: ConceptPack, rng: np.random.Generator, lead: str, size: int = 64) -> Item:
-    """One scene showing the concept, with a caption naming it, from one of four templates."""
+def concept_item(
+    pack: ConceptPack, rng: np.random.Generator, lead: str, size: int = 64, every_colour: bool = False
+) -> Item:
+    """One scene showing the concept, with a caption naming it, from one of four templates. The caption names
+    the concept's colour half the time, the other object's never, unless `every_colour` (the same scene either
+    way: the random draws do not depend on it)."""
     template = int(rng.integers(4))
-    with_colour = bool(rng.random() < 0.5)
+    with_colour = bool(rng.random() < 0.5) or every_colour
     spec = _concept_spec(pack, rng)
     noun = _concept_noun(pack, spec, with_colour)
     for _ in range(200):
@@ -93,14 +103,18 @@ def concept_item(pack: ConceptPack, rng: np.random.Generator, lead: str, size: i
             }
             objects = place_objects(rng, [other_spec, spec], size)
             other_clause = {"class": other, "count": 1}
+            other_noun = other
+            if every_colour:
+                other_clause["color"] = other_spec["colour"]
+                other_noun = f"{other_spec['colour']} {other}"
             if template == 2:
-                caption = f"{lead}{article(noun)} {noun} and {article(other)} {other}"
+                caption = f"{lead}{article(noun)} {noun} and {article(other_noun)} {other_noun}"
                 include, tag = [_clause(pack, spec, 1, with_colour), other_clause], "two_object"
             else:
                 relation = str(rng.choice(RELATIONS))
                 if objects is None or not relation_holds(objects[1], objects[0], relation):
                     continue
-                caption = f"{lead}{article(noun)} {noun} {relation} {article(other)} {other}"
+                caption = f"{lead}{article(noun)} {noun} {relation} {article(other_noun)} {other_noun}"
                 include = [other_clause, {**_clause(pack, spec, 1, with_colour), "position": [relation, 0]}]
                 tag = "position"
         if objects is not None:
@@ -122,11 +136,12 @@ def write_landing_folder(folder: str | Path, items: Sequence[tuple[Scene, str]],
 
 
 def write_pack(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 0) -> Path:
-    """The pack as a landing folder (images + same-name .txt captions)."""
+    """The pack as a landing folder (images + same-name .txt captions naming every colour)."""
     if count > 64:
         raise ValueError(f"a concept pack holds at most 64 images, asked for {count}")
     rng = np.random.default_rng(seed)
-    items = [concept_item(pack, rng, lead=str(rng.choice(["an image of ", "a picture of ", ""]))) for _ in range(count)]
+    leads = ["an image of ", "a picture of ", ""]
+    items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=True) for _ in range(count)]
     return write_landing_folder(folder, [(item.scene, item.caption) for item in items], pack.name)
 
 
