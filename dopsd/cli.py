@@ -238,6 +238,13 @@ def nano_world(
     per_task: Annotated[int, typer.Option(help="Held-out base prompts per GenEval task.")] = 20,
     pack_images: Annotated[int, typer.Option(help="Images per concept pack (at most 64).")] = 48,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    every_colour: Annotated[
+        bool,
+        typer.Option(
+            help="Pack captions name every object's colour; --no-every-colour leaves half of them out (the caption "
+            "ablation of reports/nano_science.md: the same images, sparser captions)."
+        ),
+    ] = True,
 ) -> None:
     """Write the world's held-out GenEval-nano prompts and its concept packs (landing folders + their prompts)."""
     from dopsd.nano.packs import PACKS, write_pack, write_pack_prompts
@@ -246,7 +253,7 @@ def nano_world(
 
     write_jsonl(prompt_set(Vocabulary(), per_task, seed), out / "base_prompts.jsonl")
     for pack in PACKS:
-        write_pack(pack, out / "packs" / pack.name, pack_images, seed)
+        write_pack(pack, out / "packs" / pack.name, pack_images, seed, every_colour)
         write_pack_prompts(pack, out / "packs" / f"{pack.name}_prompts.jsonl")
     typer.echo(f"wrote base prompts and {len(PACKS)} concept packs to {out}")
 

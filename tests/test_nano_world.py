@@ -130,3 +130,10 @@ def test_pack_captions_name_every_colour_of_the_same_scenes(pack):
         words = dense.caption.split()
         assert all(obj.colour in words for obj in dense.scene.objects), dense.caption
         assert all("color" in clause for clause in dense.metadata["include"]), dense.metadata
+
+
+def test_sparse_pack_differs_from_the_dense_one_only_in_captions(tmp_path):
+    dense = read_dataset(write_pack(PACKS[0], tmp_path / "dense", count=8))
+    sparse = read_dataset(write_pack(PACKS[0], tmp_path / "sparse", count=8, every_colour=False))
+    assert [d.image_path.read_bytes() for d in dense] == [s.image_path.read_bytes() for s in sparse]
+    assert sum(len(d.caption) > len(s.caption) for d, s in zip(dense, sparse, strict=True)) >= 4

@@ -135,13 +135,15 @@ def write_landing_folder(folder: str | Path, items: Sequence[tuple[Scene, str]],
     return folder
 
 
-def write_pack(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 0) -> Path:
-    """The pack as a landing folder (images + same-name .txt captions naming every colour)."""
+def write_pack(
+    pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 0, every_colour: bool = True
+) -> Path:
+    """The pack as a landing folder (images + same-name .txt captions; see `concept_item` for `every_colour`)."""
     if count > 64:
         raise ValueError(f"a concept pack holds at most 64 images, asked for {count}")
     rng = np.random.default_rng(seed)
     leads = ["an image of ", "a picture of ", ""]
-    items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=True) for _ in range(count)]
+    items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=every_colour) for _ in range(count)]
     return write_landing_folder(folder, [(item.scene, item.caption) for item in items], pack.name)
 
 
