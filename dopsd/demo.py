@@ -32,9 +32,9 @@ def run_nano_demo(
     from evaluation.suite import PromptSet, SuiteConfig, run_suite
 
     data = world / "packs" / pack
-    config = make_config(
-        "nano", model=model, data=str(data), output=str(workdir / "round"), steps=steps or None, **(overrides or {})
-    )
+    # An override wins over the demo's own fields (--set steps=600 over --steps).
+    fields = {"model": model, "data": str(data), "output": str(workdir / "round"), "steps": steps or None}
+    config = make_config("nano", **(fields | (overrides or {})))
     losses: list[float] = []
     start = time.time()
     adapter = train(config, on_metrics=lambda step, m: losses.append(m["loss"]))

@@ -25,8 +25,8 @@ def demo_error(*options) -> str:
 
 
 def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_bootstrap, tiny_world):
-    options = [f"--model={tiny_nano_bootstrap.model_dir}", f"--world={tiny_world}", "--steps=2", "--set=lr=2e-4"]
-    shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal", "--set", "teacher=base")
+    options = [f"--model={tiny_nano_bootstrap.model_dir}", f"--world={tiny_world}", "--steps=5", "--set=lr=2e-4"]
+    shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal", "--set", "teacher=base", "--set=steps=2")
     assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps" in shown
     for name in ("base", "dopsd"):
         assert f"{name} at 4 steps: teal accuracy " in shown
