@@ -8,7 +8,8 @@ Training captions name every colour they can, as a careful user (or a captioning
 This matters to D-OPSD: the teacher sees the image, the student only the caption, so whatever the caption leaves
 out (here, an object's colour) is information the student cannot have, and the loss regresses it to the pack's
 mean. Measured on the star pack, seed 0, 4 steps: with the colours of half the objects left out, D-OPSD kept
-retention 0.236 (base 0.589) and drew brown objects for every prompt; with every colour named, 0.501.
+retention 0.236 (base 0.589) and drifted its objects' colours toward brown and orange; with every colour named,
+0.501.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def concept_item(
 ) -> Item:
     """One scene showing the concept, with a caption naming it, from one of four templates. The caption names
     the concept's colour half the time, the other object's never, unless `every_colour` (the same scene either
-    way: the random draws do not depend on it)."""
+    way: the random draws do not depend on it). Sparse by default: the held-out prompts and the committed nano
+    model's tokenizer corpus were drawn that way."""
     template = int(rng.integers(4))
     with_colour = bool(rng.random() < 0.5) or every_colour
     spec = _concept_spec(pack, rng)
