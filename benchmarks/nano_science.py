@@ -35,14 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dopsd.adapters import use_adapter
 from dopsd.config import TrainConfig, make_config, parse_dataclass_args
 from dopsd.models import load_model
+from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import write_landing_folder
+from dopsd.nano.packs import PACKS, write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
 from dopsd.train import train
+from evaluation.nano.premise import teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
@@ -63,6 +66,8 @@ METRICS = {
 }
 """Reported metric -> the suite's name for it."""
 BASE = "base"
+PREMISE_METRICS = ("teacher_concept", "teacher_accuracy")
+"""Teacher-premise figures tracked through the continual run: the concept drawn, the whole prompt right."""
 
 
 @dataclass
@@ -99,6 +104,10 @@ class ScienceConfig:
     """Comma-separated arms of the continual run (empty: no continual run)."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
+    continual_premise: int = 12
+    """Pack prompts on which the teacher premise is measured under the base and every continual adapter: does the
+    teacher of a later round, which starts from the previous adapter, still draw each concept from its reference?
+    (0: not measured)"""
     workdir: str = "runs/nano-science"
     """Rounds, evaluations and generated data; reused when present."""
     out: str = "reports/nano_science.md"
@@ -282,7 +291,52 @@ def continual_study(config: ScienceConfig, evaluation: Evaluation, log) -> tuple
             after: {m: spread([report.metrics[f"{arm}-s{s}-after-{after}"][m] for s in seeds]) for m in tracked}
             for after in packs
         }
-    return results, grids
+    return results, grids, adapters
+
+
+def continual_premise(config: ScienceConfig, evaluation: Evaluation, adapters: dict[str, str | None]) -> dict:
+    """The teacher premise (evaluation/nano/premise.py) of every pack under the base and every continual adapter:
+    arm -> after pack -> premise pack -> {teacher_concept, teacher_accuracy} -> spread across seeds."""
+    cache = Path(config.workdir) / "eval" / "continual-premise.json"
+    measured = json.loads(cache.read_text()) if cache.is_file() else {}
+    packs = {pack.name: pack for pack in PACKS}
+    model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
+
+    def key(name: str) -> str:
+        return f"{name} {adapters[name]} {config.continual_premise} {config.eval_images}"
+
+    for name, path in adapters.items():
+        if key(name) in measured:
+            continue
+        if path is not None:
+            model.pipeline.load_lora_weights(path, adapter_name=name)
+        with use_adapter(model.transformer, name if path is not None else None):
+            premise = {
+                pack: teacher_premise(
+                    model,
+                    packs[pack],
+                    evaluation.evaluators.detector,
+                    seeds=range(config.eval_images),
+                    prompts=config.continual_premise,
+                )
+                for pack in config.names("packs")
+            }
+        measured[key(name)] = {pack: {k: getattr(r, k) for k in PREMISE_METRICS} for pack, r in premise.items()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(measured, indent=1))
+
+    def across(models: list[str], pack: str) -> dict:
+        rows = [measured[key(m)][pack] for m in models]
+        return {k: spread([row[k] for row in rows]) for k in PREMISE_METRICS}
+
+    packs_run, seeds = config.names("packs"), config.numbers("seeds")
+    results: dict = {BASE: {after: {p: across([BASE], p) for p in packs_run} for after in packs_run}}
+    for arm in config.names("continual_arms"):
+        results[arm] = {
+            after: {p: across([f"{arm}-s{s}-after-{after}" for s in seeds], p) for p in packs_run}
+            for after in packs_run
+        }
+    return results
 
 
 def shown(value: dict, digits: int = 3) -> str:
@@ -420,8 +474,30 @@ def render_markdown(results: dict) -> str:
             "",
             grid_links(results["continual_grids"], deployed),
         ]
+    if results.get("continual_premise"):
+        lines += premise_table(results["continual_premise"], config["continual_premise"], deployed)
     lines.append("")
     return "\n".join(lines)
+
+
+def premise_table(premise: dict, prompts: int, steps: int) -> list[str]:
+    packs = list(premise[BASE])
+    lines = [
+        "",
+        "### The teacher through the continual run",
+        "",
+        f"Teacher premise (reports/nano_base.md) under each model: [reference + caption] at {steps} steps on {prompts} "
+        "prompts of each pack; share of samples showing the pack's concept / share the GenEval rules accept whole. "
+        "A round's EMA teacher starts from the previous round's adapter: this is the teacher the next round gets.",
+        "",
+        "| model | after round | " + " | ".join(f"teacher: {p}" for p in packs) + " |",
+        "| --- | --- |" + " --- |" * len(packs),
+    ]
+    for arm, rounds in premise.items():
+        for after in list(rounds)[:1] if arm == BASE else list(rounds):
+            cells = [" / ".join(shown(rounds[after][p][k], 2) for k in PREMISE_METRICS) for p in packs]
+            lines.append(f"| {arm} | {'-' if arm == BASE else after} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def grid_links(grids: dict[str, str], steps: int) -> str:
@@ -465,7 +541,10 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         study["grids"] = keep_grids(study["grids"], plots, pack, out.parent)
         results["packs"][pack] = study
     if config.names("continual_arms"):
-        results["continual"], grids = continual_study(config, evaluation, log)
+        results["continual"], grids, adapters = continual_study(config, evaluation, log)
+        if config.continual_premise > 0:
+            results["continual_premise"] = continual_premise(config, evaluation, adapters)
+            log("continual: teacher premise measured")
         results["continual_grids"] = keep_grids(grids, plots, "continual", out.parent)
         plot = plot_continual(results["continual"], plots / "continual.png")
         results["continual_plot"] = str(plot.relative_to(out.parent))

@@ -32,6 +32,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--eval-images=1",
         "--reference-images=8",
         "--continual-arms=dopsd",
+        "--continual-premise=2",
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",
     ]
@@ -66,11 +67,22 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "concept-teal/geneval/overall",
         "retention/geneval/overall",
     }
+    premise = results["continual_premise"]
+    assert list(premise) == ["base", "dopsd"] and list(premise["dopsd"]) == ["star", "teal"]
+    for after in ("star", "teal"):
+        for pack in ("star", "teal"):
+            for value in premise["dopsd"][after][pack].values():
+                assert value["n"] == 2 and 0 <= value["mean"] <= 1  # both seeds' chains measured
     text = out.read_text()
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text
+    assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text
 
-    produced = sorted((tmp_path / "work").rglob("*.safetensors")) + sorted((tmp_path / "work").rglob("report.json"))
+    produced = [
+        *(tmp_path / "work").rglob("*.safetensors"),
+        *(tmp_path / "work").rglob("report.json"),
+        tmp_path / "work" / "eval" / "continual-premise.json",
+    ]
     stamps = {path: path.stat().st_mtime_ns for path in produced}
     science(*options)  # everything is there: nothing is trained or sampled again
     assert {path: path.stat().st_mtime_ns for path in produced} == stamps
