@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dopsd.adapters import use_adapter
-from dopsd.config import TrainConfig, make_config, parse_dataclass_args
+from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
@@ -57,6 +57,8 @@ ARMS: dict[str, dict] = {
     "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
+REPLAY_SUFFIX = "+replay"
+"""A continual arm `<arm>+replay` trains as <arm>, and its later rounds also replay the earlier packs' data."""
 
 METRICS = {
     "concept": "concept/geneval/overall",
@@ -101,7 +103,10 @@ class ScienceConfig:
     reference_images: int = 512
     """World renders that FID-nano compares the base prompts' samples against."""
     continual_arms: str = "sft,dopsd"
-    """Comma-separated arms of the continual run (empty: no continual run)."""
+    """Comma-separated arms of the continual run, each optionally suffixed `+replay` (empty: no continual run)."""
+    continual_replay: float = 0.375
+    """Share of each batch a `+replay` continual round draws from the earlier packs' data (pooled with the world
+    renders when replay_ratio is set, the two shares added)."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
     continual_premise: int = 12
@@ -114,7 +119,7 @@ class ScienceConfig:
     """The Markdown report (JSON beside it, plots in a folder of the same name)."""
 
     def names(self, field: str) -> list[str]:
-        return [v.strip() for v in getattr(self, field).split(",") if v.strip()]
+        return comma_separated(getattr(self, field))
 
     def numbers(self, field: str) -> list[int]:
         return [int(v) for v in self.names(field)]
@@ -124,9 +129,13 @@ def check(config: ScienceConfig) -> None:
     """Every input problem, named before hours of training start."""
     problems = [
         f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
-        for a in config.names("arms") + config.names("continual_arms")
+        for a in config.names("arms") + [a.removesuffix(REPLAY_SUFFIX) for a in config.names("continual_arms")]
         if a not in ARMS
     ]
+    if not 0 <= config.replay_ratio + config.continual_replay < 1:
+        problems.append(
+            f"replay_ratio + continual_replay must be in [0, 1), got {config.replay_ratio} + {config.continual_replay}"
+        )
     world = Path(config.world)
     for required in ["base_prompts.jsonl"] + [f"packs/{p}_prompts.jsonl" for p in config.names("packs")]:
         if not (world / required).is_file():
@@ -152,9 +161,14 @@ def replay_folder(config: ScienceConfig) -> str:
 
 
 def round_config(
-    config: ScienceConfig, arm: str, pack: str, seed: int, output: Path, init_adapter: str = ""
+    config: ScienceConfig, arm: str, pack: str, seed: int, output: Path, init_adapter: str = "", earlier=()
 ) -> TrainConfig:
-    replay = replay_folder(config)
+    """`earlier`: the packs of the continual run's earlier rounds, replayed by a `+replay` arm."""
+    world = replay_folder(config)
+    replay, ratio = [world] if world else [], config.replay_ratio if world else 0.0
+    if arm.endswith(REPLAY_SUFFIX) and earlier:
+        replay += [str(Path(config.world) / "packs" / p) for p in earlier]
+        ratio += config.continual_replay
     return make_config(
         config.preset,
         model=config.model,
@@ -163,10 +177,10 @@ def round_config(
         seed=seed,
         steps=config.round_steps or None,
         batch_size=config.round_batch or None,
-        replay_data=replay,
-        replay_ratio=config.replay_ratio if replay else 0.0,
+        replay_data=",".join(replay),
+        replay_ratio=ratio,
         init_adapter=init_adapter,
-        **ARMS[arm],
+        **ARMS[arm.removesuffix(REPLAY_SUFFIX)],
     )
 
 
@@ -276,9 +290,10 @@ def continual_study(config: ScienceConfig, evaluation: Evaluation, log) -> tuple
     for arm in config.names("continual_arms"):
         for seed in seeds:
             previous = ""
-            for pack in packs:
+            for i, pack in enumerate(packs):
                 output = Path(config.workdir) / "continual" / f"{arm}-s{seed}" / pack
-                previous, _ = run_round(round_config(config, arm, pack, seed, output, init_adapter=previous))
+                train_config = round_config(config, arm, pack, seed, output, init_adapter=previous, earlier=packs[:i])
+                previous, _ = run_round(train_config)
                 adapters[f"{arm}-s{seed}-after-{pack}"] = previous
             log(f"continual: {arm} seed {seed} trained through {', '.join(packs)}")
     sets = [evaluation.retention, *evaluation.concepts.values()]

@@ -20,6 +20,10 @@ from typing import Any, Literal, get_args, get_type_hints
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+def comma_separated(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @dataclass
 class TrainConfig:
     model: str = ""
@@ -32,8 +36,8 @@ class TrainConfig:
     data: str = ""
     """Dataset folder: images with same-name .txt captions."""
     replay_data: str = ""
-    """Second dataset folder mixed into every batch, e.g. renders of what the base already knew, against
-    forgetting (empty: no replay)."""
+    """Dataset folders (comma-separated) mixed into every batch against forgetting, e.g. the earlier rounds' data
+    in a continual run, or renders of what the base already knew; pooled (empty: no replay)."""
     replay_ratio: float = 0.0
     """Share of each batch drawn from `replay_data`: floor(batch_size * ratio) samples, plus one more with the
     probability of the remainder, so a batch of 1 still replays at this rate on average."""
@@ -117,7 +121,10 @@ class TrainConfig:
         return [*values, 0.0]
 
     def targets_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return comma_separated(self.lora_targets)
+
+    def replay_folders(self) -> list[str]:
+        return comma_separated(self.replay_data)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

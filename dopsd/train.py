@@ -123,7 +123,7 @@ def read_replay(config: TrainConfig) -> list[Example]:
             f"replay_data ({config.replay_data!r}) and replay_ratio ({config.replay_ratio}) go together: "
             "give a replay folder and a ratio above 0, or neither"
         )
-    return read_dataset(config.replay_data) if config.replay_data else []
+    return [example for folder in config.replay_folders() for example in read_dataset(folder)]
 
 
 def draw_batch(

@@ -31,7 +31,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--eval-steps=1,4",
         "--eval-images=1",
         "--reference-images=8",
-        "--continual-arms=dopsd",
+        "--continual-arms=dopsd,sft+replay",
         "--continual-premise=2",
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",
@@ -60,6 +60,11 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     rounds = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
     assert rounds["config"]["init_adapter"].endswith("dopsd-s1/star/adapter")  # chained from the star round
     assert rounds["config"]["replay_ratio"] == 0.5 and rounds["config"]["steps"] == 2
+    assert rounds["config"]["replay_data"] == str(tmp_path / "work" / "replay")
+    replayed = json.loads((tmp_path / "work" / "continual" / "sft+replay-s0" / "teal" / "round.json").read_text())
+    # The +replay arm's second round pools the world renders and the first round's pack, their shares added.
+    assert replayed["config"]["replay_data"] == f"{tmp_path / 'work' / 'replay'},{world / 'packs' / 'star'}"
+    assert replayed["config"]["replay_ratio"] == 0.5 + 0.375 and replayed["config"]["method"] == "sft"
     continual = results["continual"]["dopsd"]
     assert list(continual) == ["star", "teal"]
     assert set(continual["teal"]) == {
@@ -68,7 +73,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "retention/geneval/overall",
     }
     premise = results["continual_premise"]
-    assert list(premise) == ["base", "dopsd"] and list(premise["dopsd"]) == ["star", "teal"]
+    assert list(premise) == ["base", "dopsd", "sft+replay"] and list(premise["dopsd"]) == ["star", "teal"]
     for after in ("star", "teal"):
         for pack in ("star", "teal"):
             for value in premise["dopsd"][after][pack].values():

@@ -2,6 +2,7 @@
 start from an earlier adapter and replay a second dataset, and the real program runs (CLI, accelerate with two
 processes)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -148,6 +149,10 @@ def test_a_round_trains_on_its_replay_data(tmp_path, tiny_zimage_path, dataset):
     )
     mixed = train(config)
     assert cache_path(config, read_dataset(dataset) + read_dataset(replay)).is_file()  # both sets were encoded
+    second = write_replay(tmp_path / "second", count=1)
+    pooled = dataclasses.replace(config, replay_data=f"{replay}, {second}", output=str(tmp_path / "pooled"))
+    train(pooled)
+    assert cache_path(pooled, read_dataset(dataset) + read_dataset(replay) + read_dataset(second)).is_file()
     a, b = lora_weights(plain), lora_weights(mixed)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
