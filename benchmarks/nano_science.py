@@ -10,14 +10,17 @@ preset's steps, lr and LoRA rank; optional replay of base-world renders):
 Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts and noise (the evaluation
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
 base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
-run: the packs applied one after another as rounds, each starting from the previous adapter, with every pack's
-accuracy tracked after every round. Spreads are across training seeds.
+run: the packs applied one after another as rounds, each starting from the previous adapter (an arm suffixed
+`+replay` also replays the earlier packs), with every pack's accuracy tracked after every round, and the teacher
+premise under every adapter: can the next round's teacher still draw each concept from its reference? Spreads are
+across training seeds.
 
 Everything lands in a work folder and is reused when present: a crashed run resumes where it stopped (a round from
 its last checkpoint). The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
 
     .venv/bin/python benchmarks/nano_science.py                          # all packs, arms, seeds; hours on a CPU
     .venv/bin/python benchmarks/nano_science.py --seeds 0 --packs star    # one pack, one seed
+    .venv/bin/python benchmarks/nano_science.py --arms '' --eval-steps 4 --continual-arms dopsd,dopsd-base-teacher
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class ScienceConfig:
     """Keep the first N base prompts of each GenEval task for retention (0: all)."""
     reference_images: int = 512
     """World renders that FID-nano compares the base prompts' samples against."""
-    continual_arms: str = "sft,dopsd"
+    continual_arms: str = "sft,dopsd,dopsd-base-teacher"
     """Comma-separated arms of the continual run, each optionally suffixed `+replay` (empty: no continual run)."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` continual round draws from the earlier packs' data (pooled with the world
@@ -503,7 +506,8 @@ def premise_table(premise: dict, prompts: int, steps: int) -> list[str]:
         "",
         f"Teacher premise (reports/nano_base.md) under each model: [reference + caption] at {steps} steps on {prompts} "
         "prompts of each pack; share of samples showing the pack's concept / share the GenEval rules accept whole. "
-        "A round's EMA teacher starts from the previous round's adapter: this is the teacher the next round gets.",
+        "An EMA arm's next round starts its teacher from this adapter; a base-teacher arm always distils from the "
+        "base.",
         "",
         "| model | after round | " + " | ".join(f"teacher: {p}" for p in packs) + " |",
         "| --- | --- |" + " --- |" * len(packs),

@@ -42,8 +42,11 @@ class TrainConfig:
     """Share of each batch drawn from `replay_data`: floor(batch_size * ratio) samples, plus one more with the
     probability of the remainder, so a batch of 1 still replays at this rate on average."""
     init_adapter: str = ""
-    """LoRA folder (as a round writes it) that student and teacher start from, e.g. the previous round's adapter in
-    a continual run; its rank, alpha and targets must be this config's (empty: start from the base)."""
+    """LoRA folder (as a round writes it) that student and EMA teacher start from, e.g. the previous round's adapter
+    in a continual run; its rank, alpha and targets must be this config's (empty: start from the base). On the nano
+    world an EMA teacher started from an earlier round's adapter had lost much of its reference-following after two
+    rounds, and the third round learned nothing; with teacher=base it learned as from the base
+    (reports/nano_continual.md)."""
     output: str = "runs/round"
     """Where checkpoints, the adapter and metrics go."""
     method: Literal["dopsd", "sft"] = "dopsd"
