@@ -32,6 +32,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,13 @@ def replay_folder(config: ScienceConfig) -> str:
 
 
 def round_config(
-    config: ScienceConfig, arm: str, pack: str, seed: int, output: Path, init_adapter: str = "", earlier=()
+    config: ScienceConfig,
+    arm: str,
+    pack: str,
+    seed: int,
+    output: Path,
+    init_adapter: str = "",
+    earlier: Sequence[str] = (),
 ) -> TrainConfig:
     """`earlier`: the packs of the continual run's earlier rounds, replayed by a `+replay` arm."""
     world = replay_folder(config)
@@ -285,9 +292,11 @@ def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) ->
     return results
 
 
-def continual_study(config: ScienceConfig, evaluation: Evaluation, log) -> tuple[dict, dict[str, Path]]:
-    """Packs as successive rounds, each from the previous adapter: arm -> after pack -> metric -> spread, and the
-    sample grids."""
+def continual_study(
+    config: ScienceConfig, evaluation: Evaluation, log
+) -> tuple[dict, dict[str, Path], dict[str, str | None]]:
+    """Packs as successive rounds, each from the previous adapter: arm -> after pack -> metric -> spread, the sample
+    grids, and every model evaluated (name -> adapter folder, None for the base)."""
     packs, seeds = config.names("packs"), config.numbers("seeds")
     adapters: dict[str, str | None] = {BASE: None}
     for arm in config.names("continual_arms"):
