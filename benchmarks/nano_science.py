@@ -321,20 +321,14 @@ def continual_study(
     return results, grids, adapters
 
 
-def continual_premise(config: ScienceConfig, evaluation: Evaluation, adapters: dict[str, str | None]) -> dict:
-    """The teacher premise (evaluation/nano/premise.py) of every pack under the base and every continual adapter:
-    arm -> after pack -> premise pack -> {teacher_concept, teacher_accuracy} -> spread across seeds."""
-    cache = Path(config.workdir) / "eval" / "continual-premise.json"
-    measured = json.loads(cache.read_text()) if cache.is_file() else {}
+def premise_under(config: ScienceConfig, evaluation: Evaluation, adapters: dict[str, str | None]):
+    """Yield (model name, pack -> PremiseResult) for each adapter given (None: the base), one model at a time so the
+    caller can keep what is done. The model, with its teacher encoder, is loaded only if there is work."""
+    if not adapters:
+        return
     packs = {pack.name: pack for pack in PACKS}
     model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
-
-    def key(name: str) -> str:
-        return f"{name} {adapters[name]} {config.continual_premise} {config.eval_images}"
-
     for name, path in adapters.items():
-        if key(name) in measured:
-            continue
         if path is not None:
             model.pipeline.load_lora_weights(path, adapter_name=name)
         with use_adapter(model.transformer, name if path is not None else None):
@@ -348,6 +342,20 @@ def continual_premise(config: ScienceConfig, evaluation: Evaluation, adapters: d
                 )
                 for pack in config.names("packs")
             }
+        yield name, premise
+
+
+def continual_premise(config: ScienceConfig, evaluation: Evaluation, adapters: dict[str, str | None]) -> dict:
+    """The teacher premise (evaluation/nano/premise.py) of every pack under the base and every continual adapter:
+    arm -> after pack -> premise pack -> {teacher_concept, teacher_accuracy} -> spread across seeds."""
+    cache = Path(config.workdir) / "eval" / "continual-premise.json"
+    measured = json.loads(cache.read_text()) if cache.is_file() else {}
+
+    def key(name: str) -> str:
+        return f"{name} {adapters[name]} {config.continual_premise} {config.eval_images}"
+
+    missing = {name: path for name, path in adapters.items() if key(name) not in measured}
+    for name, premise in premise_under(config, evaluation, missing):
         measured[key(name)] = {pack: {k: getattr(r, k) for k in PREMISE_METRICS} for pack, r in premise.items()}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(measured, indent=1))
@@ -356,12 +364,11 @@ def continual_premise(config: ScienceConfig, evaluation: Evaluation, adapters: d
         rows = [measured[key(m)][pack] for m in models]
         return {k: spread([row[k] for row in rows]) for k in PREMISE_METRICS}
 
-    packs_run, seeds = config.names("packs"), config.numbers("seeds")
-    results: dict = {BASE: {after: {p: across([BASE], p) for p in packs_run} for after in packs_run}}
+    packs, seeds = config.names("packs"), config.numbers("seeds")
+    results: dict = {BASE: {after: {p: across([BASE], p) for p in packs} for after in packs}}
     for arm in config.names("continual_arms"):
         results[arm] = {
-            after: {p: across([f"{arm}-s{s}-after-{after}" for s in seeds], p) for p in packs_run}
-            for after in packs_run
+            after: {p: across([f"{arm}-s{s}-after-{after}" for s in seeds], p) for p in packs} for after in packs
         }
     return results
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from dopsd.config import comma_separated
 from dopsd.models import load_model
 from dopsd.sampling import image_grid
 
@@ -58,7 +59,7 @@ def sample_grid(
     family: str = "auto",
     text_encoder_layers: str = "",
 ) -> Image.Image:
-    layers = tuple(int(x) for x in text_encoder_layers.split(",") if x.strip())
+    layers = tuple(int(x) for x in comma_separated(text_encoder_layers))
     model = load_model(model_path, family, text_encoder_layers=layers, with_teacher_encoder=False)
     model.check_resolution(resolution, resolution)
     if adapter:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dopsd import adapters
-from dopsd.config import TrainConfig
+from dopsd.config import TrainConfig, comma_separated
 from dopsd.data import Example, read_dataset
 from dopsd.models import Context, FewStepModel, load_model
 from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
@@ -74,7 +74,7 @@ class SampleCache:
 
 def build_model(config: TrainConfig, device: torch.device) -> FewStepModel:
     dtype = torch.bfloat16 if config.weights_dtype == "bfloat16" else torch.float32
-    layers = tuple(int(x) for x in config.text_encoder_layers.split(",") if x.strip())
+    layers = tuple(int(x) for x in comma_separated(config.text_encoder_layers))
     return load_model(
         config.model,
         config.family,
