@@ -36,6 +36,8 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The weights file of an adapter folder (diffusers' name: `pipe.load_lora_weights(folder)` finds it)."""
+RUN_CONTROL_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
+"""Fields a resumed round may change: how long it runs and how it saves and logs, not what it learns."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,6 +168,25 @@ def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
         adapters.load_adapter_state(transformer, name, state)
 
 
+def check_resumable(output: Path, config: TrainConfig) -> None:
+    """A round resumes only the run that wrote its checkpoints: resuming another recipe from them would mix two runs
+    and label the result with the second's config."""
+    saved = output / "config.json"
+    if not checkpoint_dirs(output) or not saved.is_file():
+        return
+    earlier, now = json.loads(saved.read_text()), json.loads(config.to_json())
+    changed = [
+        f"{k} {earlier.get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in RUN_CONTROL_FIELDS and earlier.get(k) != v
+    ]
+    if changed:
+        raise ValueError(
+            f"{output} holds checkpoints of a round with another config ({'; '.join(changed)}): run it unchanged to "
+            "resume it, or give this one another output folder"
+        )
+
+
 def checkpoint_dirs(output: Path) -> list[Path]:
     complete = [p for p in (output / CHECKPOINTS).glob("step-*") if p.name[len("step-") :].isdigit()]
     return sorted(complete, key=lambda p: int(p.name[len("step-") :]))
@@ -221,6 +242,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
+    check_resumable(output, config)
     device = accelerator.device
     examples = read_dataset(config.data)  # every data problem surfaces before a model is loaded
     replay = read_replay(config)

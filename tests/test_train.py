@@ -86,6 +86,9 @@ def test_resume_matches_an_uninterrupted_round(tmp_path, tiny_zimage_path, datas
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did learn something
+    # Another recipe does not resume from these checkpoints: it would mix two runs under the second's name.
+    with pytest.raises(ValueError, match=r"another config \(lr 0\.001 -> 0\.002\)"):
+        train(tiny_config(tiny_zimage_path, dataset, half, steps=6, checkpoint_every=3, lr=2e-3, **replay))
 
 
 def test_sft_round_and_grad_steps_run(tmp_path, tiny_zimage_path, dataset):
