@@ -48,11 +48,12 @@ from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACKS, write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
-from dopsd.train import train
+from dopsd.train import LORA_WEIGHTS, train
 from evaluation.nano.premise import teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
+from evaluation.unavailable import file_digest
 
 ARMS: dict[str, dict] = {
     "sft": {"method": "sft"},
@@ -111,6 +112,9 @@ class ScienceConfig:
     continual_replay: float = 0.375
     """Share of each batch a `+replay` continual round draws from the earlier packs' data (pooled with the world
     renders when replay_ratio is set, the two shares added)."""
+    continual_lr: float = 0.0
+    """Learning rate of the continual run's later rounds, those that start from an earlier adapter (0: the
+    preset's, as the first round)."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
     continual_premise: int = 12
@@ -140,6 +144,8 @@ def check(config: ScienceConfig) -> None:
         problems.append(
             f"replay_ratio + continual_replay must be in [0, 1), got {config.replay_ratio} + {config.continual_replay}"
         )
+    if config.continual_lr < 0:
+        problems.append(f"continual_lr must be >= 0 (0: the preset's), got {config.continual_lr}")
     world = Path(config.world)
     for required in ["base_prompts.jsonl"] + [f"packs/{p}_prompts.jsonl" for p in config.names("packs")]:
         if not (world / required).is_file():
@@ -179,6 +185,7 @@ def round_config(
     if arm.endswith(REPLAY_SUFFIX) and earlier:
         replay += [str(Path(config.world) / "packs" / p) for p in earlier]
         ratio += config.continual_replay
+    later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
     return make_config(
         config.preset,
         model=config.model,
@@ -191,6 +198,7 @@ def round_config(
         replay_ratio=ratio,
         init_adapter=init_adapter,
         **ARMS[arm.removesuffix(REPLAY_SUFFIX)],
+        **later_round,
     )
 
 
@@ -201,6 +209,8 @@ def run_round(train_config: TrainConfig) -> tuple[str, float]:
     done = json.loads(record.read_text()) if record.is_file() else None
     if done is not None and done["config"] == dataclasses.asdict(train_config):
         return done["adapter"], done["seconds"]
+    if done is not None:
+        shutil.rmtree(output)  # a finished round of another recipe (say another --continual-lr): train this one anew
     start = time.time()
     adapter = train(train_config)
     seconds = time.time() - start
@@ -240,20 +250,29 @@ class Evaluation:
 
     def run(self, name: str, adapters: dict[str, str | None], prompt_sets: list[PromptSet], steps: int) -> SuiteReport:
         out = self.folder(name, steps)
-        report_file = out / "report.json"
+        report_file, digests_file = out / "report.json", out / "adapter-digests.json"
         suite = SuiteConfig(steps, self.config.eval_images, 0, NANO_RESOLUTION, 64, baseline=BASE)
-        if report_file.is_file():
+        digests = adapter_digests(adapters)
+        if report_file.is_file() and digests_file.is_file():
             report = SuiteReport.read(report_file)
-            if report.models == adapters and report.config == suite:
+            if report.models == adapters and report.config == suite and json.loads(digests_file.read_text()) == digests:
                 return report
         model = load_model(self.config.model, max_caption_tokens=NANO_CAPTION_TOKENS, with_teacher_encoder=False)
-        return run_suite(model, adapters, prompt_sets, self.evaluators, suite, out)
+        report = run_suite(model, adapters, prompt_sets, self.evaluators, suite, out)
+        digests_file.write_text(json.dumps(digests, indent=1))
+        return report
 
     @staticmethod
     def pack_metrics(pack: str, report: SuiteReport, model: str) -> dict[str, float | None]:
         """The reported metrics of one model in a pack's suite run (the concept set is named after its pack)."""
         values = report.metrics[model]
         return {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
+
+
+def adapter_digests(adapters: dict[str, str | None]) -> dict[str, str | None]:
+    """Each adapter's weights digest (None for the base): a cached score stands only for the weights it measured,
+    so a round retrained in place (another --continual-lr, say) is scored again."""
+    return {name: path and file_digest(Path(path) / LORA_WEIGHTS) for name, path in adapters.items()}
 
 
 def spread(values: list[float | None]) -> dict:
@@ -351,8 +370,10 @@ def continual_premise(config: ScienceConfig, evaluation: Evaluation, adapters: d
     cache = Path(config.workdir) / "eval" / "continual-premise.json"
     measured = json.loads(cache.read_text()) if cache.is_file() else {}
 
+    digests = adapter_digests(adapters)
+
     def key(name: str) -> str:
-        return f"{name} {adapters[name]} {config.continual_premise} {config.eval_images}"
+        return f"{name} {digests[name]} {config.continual_premise} {config.eval_images}"
 
     missing = {name: path for name, path in adapters.items() if key(name) not in measured}
     for name, premise in premise_under(config, evaluation, missing):
@@ -493,6 +514,9 @@ def render_markdown(results: dict) -> str:
         lines += [
             "",
             f"## Continual run (packs in order, each round from the previous adapter; at {deployed} steps)",
+            "",
+            f"Later rounds train at lr {config['continual_lr'] or 'of the preset'}; a `+replay` arm draws "
+            f"{config['continual_replay']} of each batch from the earlier packs.",
             "",
             "| model | after round | " + " | ".join(m.split("/")[0] for m in tracked) + " |",
             "| --- | --- |" + " --- |" * len(tracked),

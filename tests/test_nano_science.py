@@ -33,12 +33,14 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--reference-images=8",
         "--continual-arms=dopsd,sft+replay",
         "--continual-premise=2",
+        "--continual-lr=2e-4",
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",
     ]
-    bad = science(*options, "--arms=sft,dpo", "--packs=star,nothing", check=False)
+    bad = science(*options, "--arms=sft,dpo", "--packs=star,nothing", "--continual-lr=-1", check=False)
     assert bad.returncode != 0
     assert "unknown arm 'dpo'" in bad.stderr and "packs/nothing_prompts.jsonl is missing" in bad.stderr
+    assert "continual_lr must be >= 0" in bad.stderr
     assert not (tmp_path / "work").exists()  # named before anything ran
 
     science(*options)
@@ -60,6 +62,9 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     rounds = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
     assert rounds["config"]["init_adapter"].endswith("dopsd-s1/star/adapter")  # chained from the star round
     assert rounds["config"]["replay_ratio"] == 0.5 and rounds["config"]["steps"] == 2
+    assert rounds["config"]["lr"] == 2e-4  # a later round takes the continual lr, a first round the preset's
+    first = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "star" / "round.json").read_text())
+    assert first["config"]["lr"] == 5e-4
     assert rounds["config"]["replay_data"] == str(tmp_path / "work" / "replay")
     replayed = json.loads((tmp_path / "work" / "continual" / "sft+replay-s0" / "teal" / "round.json").read_text())
     # The +replay arm's second round pools the world renders and the first round's pack, their shares added.
@@ -80,7 +85,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
                 assert value["n"] == 2 and 0 <= value["mean"] <= 1  # both seeds' chains measured
     text = out.read_text()
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
-    assert "## Continual run" in text and "| dopsd | teal |" in text
+    assert "## Continual run" in text and "| dopsd | teal |" in text and "Later rounds train at lr 0.0002" in text
     assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text
 
     produced = [
@@ -92,3 +97,18 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     science(*options)  # everything is there: nothing is trained or sampled again
     assert {path: path.stat().st_mtime_ns for path in produced} == stamps
     assert json.loads(out.with_suffix(".json").read_text())["packs"] == results["packs"]
+
+    # Another lr retrains the continual run's later rounds in place: those and their scores are measured anew, the
+    # first rounds and the per-pack studies are reused.
+    work = tmp_path / "work"
+    premise_before = json.loads((work / "eval" / "continual-premise.json").read_text())
+    science(*options, "--continual-lr=3e-4")
+    redone = {work / "eval" / "continual" / "steps-4" / "report.json", work / "eval" / "continual-premise.json"}
+    redone |= {p for p in produced if p.is_relative_to(work / "continual") and p.relative_to(work).parts[2] == "teal"}
+    assert len(redone) > 2
+    for path in produced:
+        assert (path.stat().st_mtime_ns != stamps[path]) == (path in redone), path
+    later = json.loads((work / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
+    assert later["config"]["lr"] == 3e-4
+    premise_after = json.loads((work / "eval" / "continual-premise.json").read_text())
+    assert len(premise_after) == len(premise_before) + 2 * 2  # two arms x two seeds after the teal round
