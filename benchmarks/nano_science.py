@@ -272,7 +272,7 @@ class Evaluation:
 def adapter_digests(adapters: dict[str, str | None]) -> dict[str, str | None]:
     """Each adapter's weights digest (None for the base): a cached score stands only for the weights it measured,
     so a round retrained in place (another --continual-lr, say) is scored again."""
-    return {name: path and file_digest(Path(path) / LORA_WEIGHTS) for name, path in adapters.items()}
+    return {name: None if path is None else file_digest(Path(path) / LORA_WEIGHTS) for name, path in adapters.items()}
 
 
 def spread(values: list[float | None]) -> dict:

@@ -34,6 +34,8 @@ from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+ROUND_CONFIG = "config.json"
+"""The round's config, beside its checkpoints: what a resume must match."""
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The weights file of an adapter folder (diffusers' name: `pipe.load_lora_weights(folder)` finds it)."""
 RUN_CONTROL_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
@@ -171,7 +173,7 @@ def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
 def check_resumable(output: Path, config: TrainConfig) -> None:
     """A round resumes only the run that wrote its checkpoints: resuming another recipe from them would mix two runs
     and label the result with the second's config."""
-    saved = output / "config.json"
+    saved = output / ROUND_CONFIG
     if not checkpoint_dirs(output) or not saved.is_file():
         return
     earlier, now = json.loads(saved.read_text()), json.loads(config.to_json())
@@ -283,7 +285,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         accelerator.print(f"resuming from {existing[-1]} (step {step})")
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(config.to_json())
+        (output / ROUND_CONFIG).write_text(config.to_json())
 
     def backward(loss: torch.Tensor, sync: bool) -> None:
         # Gradients are all-reduced once per optimizer step, on its last backward.
