@@ -220,7 +220,7 @@ def nano_bootstrap(
     from dopsd.nano.bootstrap import STAGES, BootstrapConfig, bootstrap, export
 
     steps = {"vae": vae_steps, "vision": vision_steps, "pretrain": pretrain_steps, "distill": distill_steps}
-    chosen = {f"{k}_steps": v for k, v in steps.items() if v is not None}
+    chosen: dict[str, Any] = {f"{k}_steps": v for k, v in steps.items() if v is not None}
     config = BootstrapConfig(workdir=str(workdir), threads=threads, device=device, compile=compile_blocks, **chosen)
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:

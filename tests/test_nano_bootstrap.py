@@ -164,3 +164,21 @@ def test_cell_labels_put_each_object_in_the_vision_token_over_its_centre():
     assert labels[15].tolist() == [SHAPES.index("circle") + 1, colours.index("red"), TEXTURES.index("plain"), 1]
     empty = [i for i in range(16) if i not in (1, 15)]
     assert all(labels[i].tolist() == [0, -1, -1, -1] for i in empty)
+
+
+def test_task_weights_set_how_often_each_family_is_drawn():
+    import pytest
+
+    from dopsd.nano.bootstrap import WorldStream
+    from dopsd.nano.scenes import RELATIONS
+
+    def relation_share(stream: WorldStream) -> float:
+        captions = [caption for _, caption in stream.batch(400)]
+        return sum(any(f" {r} " in c for r in RELATIONS) for c in captions) / len(captions)
+
+    # Half the items are task scenes: all of them position scenes here, a sixth of them by default.
+    assert relation_share(WorldStream(0, (0, 0, 0, 0, 1, 0))) > 0.4
+    assert relation_share(WorldStream(0)) < 0.15
+    assert relation_share(WorldStream(0, (1, 1, 1, 1, 0, 1))) == 0
+    with pytest.raises(ValueError, match="6 non-negative numbers"):
+        WorldStream(0, (1, 1))

@@ -87,6 +87,11 @@ class BootstrapConfig:
     """Pretraining items kept encoded in memory."""
     pool_refresh: int = 8
     """Pool items replaced by fresh ones each step."""
+    task_weights: tuple[float, ...] | None = None
+    """Relative frequency of each GenEval task family (single_object, two_object, counting, colors, position,
+    color_attr) among the task scenes of pretraining and distillation (half their items; the rest are free
+    scenes). None: equal. Continuing the finished pretraining with position weighted up (4x, or alone) did not
+    teach position (0.17 -> 0.20 at 32 steps; `benchmarks/nano_task_mix.py`)."""
     image_context_prob: float = 0.5
     """Share of pretraining samples conditioned on [reference image + caption] instead of the caption."""
     caption_dropout: float = 0.1
@@ -187,19 +192,36 @@ def run_stage(
     progress.close()
 
 
+def task_probabilities(weights: tuple[float, ...]) -> np.ndarray:
+    """Relative weights of the GenEval task families (in `TASKS` order) as probabilities."""
+    probs = np.asarray(weights, dtype=np.float64)
+    if probs.shape != (len(TASKS),) or (probs < 0).any() or probs.sum() <= 0:
+        raise ValueError(
+            f"task weights must be {len(TASKS)} non-negative numbers, not all zero ({', '.join(TASKS)}); got {weights}"
+        )
+    return probs / probs.sum()
+
+
 class WorldStream:
     """Training items drawn on the fly: GenEval-family scenes (half) and free scenes with free captions (half),
-    with training phrasing only ("a photo of" is kept for held-out prompts)."""
+    with training phrasing only ("a photo of" is kept for held-out prompts). `task_weights` (one per family of
+    `TASKS`, relative) sets how often each family's scenes are drawn; equal by default."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, task_weights: tuple[float, ...] | None = None):
         self.rng = np.random.default_rng(seed)
         self.sampler = SceneSampler(Vocabulary(), self.rng)
+        self.task_probs = None if task_weights is None else task_probabilities(task_weights)
 
     def batch(self, size: int) -> list[tuple[Scene, str]]:
         items = []
         for _ in range(size):
             if self.rng.random() < 0.5:
-                item = self.sampler.sample(TASKS[int(self.rng.integers(len(TASKS)))])
+                # Equal weights draw as the committed base and reports did (one integer per item).
+                if self.task_probs is None:
+                    task = int(self.rng.integers(len(TASKS)))
+                else:
+                    task = int(self.rng.choice(len(TASKS), p=self.task_probs))
+                item = self.sampler.sample(TASKS[task])
                 lead = TRAINING_LEADS[int(self.rng.integers(len(TRAINING_LEADS)))]
                 items.append((item.scene, item.caption.replace("a photo of ", lead, 1)))
             else:
@@ -380,7 +402,7 @@ def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> Non
     transformer = model.pipeline.transformer
     transformer.requires_grad_(True)
     compile_blocks(transformer, config)
-    stream = WorldStream(config.seed + 2)
+    stream = WorldStream(config.seed + 2, config.task_weights)
     pool = LatentPool(model, stream, config.pool_size, config.pool_refresh)
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
@@ -453,7 +475,9 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
     compile_blocks(transformer, config)
     compile_blocks(teacher, config)
     student_sigmas = model.schedule(4, NANO_RESOLUTION, NANO_RESOLUTION)[:-1]
-    pairs = TeacherPairs(model, teacher, WorldStream(config.seed + 3), config, torch.Generator().manual_seed(7))
+    pairs = TeacherPairs(
+        model, teacher, WorldStream(config.seed + 3, config.task_weights), config, torch.Generator().manual_seed(7)
+    )
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         contexts, noise, target = pairs.batch(generator)
