@@ -108,18 +108,13 @@ def main(config: TaskMixConfig) -> dict:
         shutil.copytree(source / "checkpoints" / "pretrain", workdir / "checkpoints" / "pretrain")
         shutil.copy(source / "config.json", workdir / "config.json")
     start = json.loads((source / "checkpoints" / "pretrain" / "step.json").read_text())["step"]
-    bootstrap = json.loads((source / "config.json").read_text())
+    bootstrap = {k: v for k, v in json.loads((source / "config.json").read_text()).items() if k != "task_weights"}
     torch.set_num_threads(bootstrap["threads"])
     if config.steps:
-        pretrain(
-            BootstrapConfig(
-                workdir=str(workdir),
-                pretrain_steps=start + config.steps,
-                pretrain_lr=config.lr,
-                pretrain_decay_steps=config.decay_steps,
-                task_weights=tuple(float(w) for w in config.task_weights.split(",")),
-            )
-        )
+        # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.
+        recipe = {**bootstrap, "workdir": str(workdir), "pretrain_steps": start + config.steps}
+        recipe |= {"pretrain_lr": config.lr, "pretrain_decay_steps": config.decay_steps}
+        pretrain(BootstrapConfig(**recipe, task_weights=tuple(float(w) for w in config.task_weights.split(","))))
     records = read_metadata(config.prompts)
     model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
     model.pipeline.transformer.load_state_dict(

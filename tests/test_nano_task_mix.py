@@ -1,0 +1,29 @@
+"""The task-mix screen continues a bootstrap's pretraining in a copy, as a program at a tiny budget."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dopsd.nano.scenes import prompt_set, write_jsonl
+from dopsd.nano.world import Vocabulary
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_task_mix.py"
+
+
+def test_task_mix_screen_continues_pretraining_in_a_copy(tmp_path, tiny_nano_bootstrap):
+    source = Path(tiny_nano_bootstrap.workdir)
+    before = (source / "checkpoints" / "pretrain" / "transformer.safetensors").read_bytes()
+    prompts = write_jsonl(prompt_set(Vocabulary(), per_task=2, seed=0), tmp_path / "prompts.jsonl")
+    command = [sys.executable, str(SCRIPT), f"--bootstrap={source}", f"--workdir={tmp_path / 'mix'}"]
+    command += [f"--prompts={prompts}", "--task-weights=0,0,0,0,1,0", "--steps=2", "--relation-seeds=0-1"]
+    shown = subprocess.run([*command, "--probe=false"], capture_output=True, text=True, timeout=600)
+    assert shown.returncode == 0, shown.stderr
+    step = json.loads((tmp_path / "mix" / "checkpoints" / "pretrain" / "step.json").read_text())["step"]
+    assert step == tiny_nano_bootstrap.pretrain_steps + 2
+    assert (source / "checkpoints" / "pretrain" / "transformer.safetensors").read_bytes() == before
+    # two position prompts x two seeds, each counted once
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("position samples at 32 steps, 4:"))
+    assert sum(int(part.rsplit(" ", 1)[1]) for part in line.split(": ")[1].split(", ")) == 4
+    bad = subprocess.run([*command[:-2], "--task-weights=1,1", "--steps=1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "task weights must be 6 non-negative numbers" in bad.stderr
