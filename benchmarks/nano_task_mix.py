@@ -36,16 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from dopsd.config import parse_dataclass_args
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import BootstrapConfig, pretrain
-from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
+from dopsd.nano.model import NANO_RESOLUTION
 from dopsd.preview import parse_seeds
 from dopsd.sampling import sample_images
 from evaluation.geneval.rules import keep_detections, read_metadata, relative_position
-from evaluation.nano.base_report import probe_checkpoint
+from evaluation.nano.base_report import checkpoint_model, probe_checkpoint, probe_lines
 from evaluation.nano.detector import NanoDetector
 
 
@@ -78,14 +77,16 @@ class TaskMixConfig:
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def relation_counts(model: ZImageModel, records: list[dict], seeds: list[int], guidance: float) -> Counter:
+def relation_counts(
+    model: ZImageModel, records: list[dict], seeds: list[int], guidance: float, detector: NanoDetector
+) -> Counter:
     """Where position samples put the named object relative to the other one: on the named side, on the opposite
     side, elsewhere (another axis or too close), or no relation to read (an object missing)."""
     records = [r for r in records if r["tag"] == "position"]
     images = sample_images(
         model, model.encode_student([r["prompt"] for r in records]), seeds, 32, NANO_RESOLUTION, guidance=guidance
     )
-    detections = NanoDetector.load().detect(images)
+    detections = detector.detect(images)
     counts: Counter = Counter()
     for record, found in zip([r for r in records for _ in seeds], detections, strict=True):
         anchor, mover = record["include"]
@@ -108,34 +109,27 @@ def main(config: TaskMixConfig) -> dict:
         shutil.copytree(source / "checkpoints" / "pretrain", workdir / "checkpoints" / "pretrain")
         shutil.copy(source / "config.json", workdir / "config.json")
     start = json.loads((source / "checkpoints" / "pretrain" / "step.json").read_text())["step"]
-    bootstrap = {k: v for k, v in json.loads((source / "config.json").read_text()).items() if k != "task_weights"}
+    bootstrap = json.loads((source / "config.json").read_text())
     torch.set_num_threads(bootstrap["threads"])
     if config.steps:
         # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.
         recipe = {**bootstrap, "workdir": str(workdir), "pretrain_steps": start + config.steps}
         recipe |= {"pretrain_lr": config.lr, "pretrain_decay_steps": config.decay_steps}
-        pretrain(BootstrapConfig(**recipe, task_weights=tuple(float(w) for w in config.task_weights.split(","))))
+        recipe["task_weights"] = tuple(float(w) for w in config.task_weights.split(","))
+        pretrain(BootstrapConfig(**recipe))
+    detector = NanoDetector.load()
+    model = checkpoint_model(workdir, "pretrain")
     records = read_metadata(config.prompts)
-    model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
-    model.pipeline.transformer.load_state_dict(
-        load_file(str(workdir / "checkpoints" / "pretrain" / "transformer.safetensors"))
-    )
-    counts = relation_counts(model, records, parse_seeds(config.relation_seeds), bootstrap["guidance"])
+    counts = relation_counts(model, records, parse_seeds(config.relation_seeds), bootstrap["guidance"], detector)
     print(
         f"position samples at 32 steps, {sum(counts.values())}: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )
     if not config.probe:
         return dict(counts)
-    result = probe_checkpoint(
-        workdir, "pretrain", config.prompts, NanoDetector.load(), parse_seeds(config.seeds), config.limit
-    )
-    for steps in (32, 4):
-        score = result[f"geneval_nano@{steps}"]
-        tasks = ", ".join(f"{task} {value:.2f}" for task, value in score["tasks"].items())
-        print(f"step {result['step']}, GenEval-nano @{steps}: {score['overall']:.3f} ({tasks})")
-    for row in result["premise"]:
-        print(f"premise {row['pack']}: concept shown by teacher {row['teacher_concept']:.3f}")
+    seeds = parse_seeds(config.seeds)
+    result = probe_checkpoint(workdir, "pretrain", config.prompts, detector, seeds, config.limit)
+    print("\n".join(probe_lines(result, len(seeds))))
     return result | {"relations": dict(counts)}
 
 

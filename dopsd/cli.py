@@ -332,25 +332,13 @@ def nano_probe(
     """Score the newest checkpoint of a running bootstrap (GenEval-nano at 32 and 4 steps, teacher premise per
     pack); the result is appended to the work folder's probes.jsonl."""
     from dopsd.preview import parse_seeds
-    from evaluation.nano.base_report import probe_checkpoint
+    from evaluation.nano.base_report import probe_checkpoint, probe_lines
     from evaluation.nano.detector import NanoDetector
 
     seed_list = parse_seeds(seeds)
     result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), seed_list, limit, guidance=guidance)
-    typer.echo(
-        f"{stage} step {result['step']} ({result['prompts']} prompts x {len(seed_list)} seeds, "
-        f"guidance {result['guidance']}):"
-    )
-    for steps in (32, 4):
-        score = result[f"geneval_nano@{steps}"]
-        tasks = ", ".join(f"{task} {value:.2f}" for task, value in score["tasks"].items())
-        typer.echo(f"  GenEval-nano @{steps}: {score['overall']:.3f} ({tasks})")
-    for row in result["premise"]:
-        typer.echo(
-            f"  premise {row['pack']}: concept shown by teacher {row['teacher_concept']:.3f}, student "
-            f"{row['student_concept']:.3f}; prompt correct teacher {row['teacher_accuracy']:.3f}, student "
-            f"{row['student_accuracy']:.3f}; layout spread {row['layout_spread']:.1f} px, copies {row['copies']:.2f}"
-        )
+    for line in probe_lines(result, len(seed_list)):
+        typer.echo(line)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,33 @@ def bootstrap_guidance(workdir: Path) -> float:
     return float(json.loads((workdir / "config.json").read_text())["guidance"])
 
 
+def checkpoint_model(workdir: Path, stage: str) -> ZImageModel:
+    """The work folder's pipeline with the transformer of `stage`'s newest checkpoint."""
+    model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
+    weights = workdir / "checkpoints" / stage / "transformer.safetensors"
+    model.pipeline.transformer.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def probe_lines(result: dict, seeds: int) -> list[str]:
+    """A probe's result as `dopsd nano probe` prints it."""
+    lines = [
+        f"{result['stage']} step {result['step']} ({result['prompts']} prompts x {seeds} seeds, "
+        f"guidance {result['guidance']}):"
+    ]
+    for steps in (32, 4):
+        score = result[f"geneval_nano@{steps}"]
+        tasks = ", ".join(f"{task} {value:.2f}" for task, value in score["tasks"].items())
+        lines.append(f"  GenEval-nano @{steps}: {score['overall']:.3f} ({tasks})")
+    lines += [
+        f"  premise {row['pack']}: concept shown by teacher {row['teacher_concept']:.3f}, student "
+        f"{row['student_concept']:.3f}; prompt correct teacher {row['teacher_accuracy']:.3f}, student "
+        f"{row['student_accuracy']:.3f}; layout spread {row['layout_spread']:.1f} px, copies {row['copies']:.2f}"
+        for row in result["premise"]
+    ]
+    return lines
+
+
 def probe_checkpoint(
     workdir: str | Path,
     stage: str,
@@ -179,8 +206,7 @@ def probe_checkpoint(
     folder = workdir / "checkpoints" / stage
     if stage not in STAGE_STEPS or not (folder / "step.json").is_file():
         raise ValueError(f"no {stage} checkpoint in {folder} (stages with a model to probe: {list(STAGE_STEPS)})")
-    model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
-    model.pipeline.transformer.load_state_dict(load_file(str(folder / "transformer.safetensors")))
+    model = checkpoint_model(workdir, stage)
     records = first_per_task(read_metadata(prompts), limit)
     if guidance is None:
         guidance = bootstrap_guidance(workdir) if stage == "pretrain" else 0.0
