@@ -11,9 +11,9 @@ Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
 base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
 run: the packs applied one after another as rounds, each starting from the previous adapter (an arm suffixed
-`+replay` also replays the earlier packs), with every pack's accuracy tracked after every round, and the teacher
-premise under every adapter: can the next round's teacher still draw each concept from its reference? Spreads are
-across training seeds.
+`+replay` also replays the earlier packs; `+lwf` replays them taught by the previous adapter), with every pack's
+accuracy tracked after every round, and the teacher premise under every adapter: can the next round's teacher still
+draw each concept from its reference? Spreads are across training seeds.
 
 Everything lands in a work folder and is reused when present: a crashed run resumes where it stopped (a round from
 its last checkpoint). The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
@@ -62,8 +62,10 @@ ARMS: dict[str, dict] = {
     "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
-REPLAY_SUFFIX = "+replay"
-"""A continual arm `<arm>+replay` trains as <arm>, and its later rounds also replay the earlier packs' data."""
+CONTINUAL_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
+"""A continual arm `<arm><suffix>` trains as <arm>, and its later rounds also replay the earlier packs' data with
+these overrides: `+replay` taught like the new pack's data (the round's teacher, seeing each image), `+lwf` taught by
+the previous round's adapter from the caption alone (learning without forgetting)."""
 
 METRICS = {
     "concept": "concept/geneval/overall",
@@ -108,10 +110,11 @@ class ScienceConfig:
     reference_images: int = 512
     """World renders that FID-nano compares the base prompts' samples against."""
     continual_arms: str = "sft,dopsd,dopsd-base-teacher"
-    """Comma-separated arms of the continual run, each optionally suffixed `+replay` (empty: no continual run)."""
+    """Comma-separated arms of the continual run, each optionally suffixed `+replay` or `+lwf` (empty: no continual
+    run)."""
     continual_replay: float = 0.375
-    """Share of each batch a `+replay` continual round draws from the earlier packs' data (pooled with the world
-    renders when replay_ratio is set, the two shares added)."""
+    """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data (pooled with the
+    world renders when replay_ratio is set, the two shares added)."""
     continual_lr: float = 0.0
     """Learning rate of the continual run's later rounds, those that start from an earlier adapter (0: the
     preset's, as the first round)."""
@@ -137,7 +140,7 @@ def check(config: ScienceConfig) -> None:
     """Every input problem, named before hours of training start."""
     problems = [
         f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
-        for a in config.names("arms") + [a.removesuffix(REPLAY_SUFFIX) for a in config.names("continual_arms")]
+        for a in config.names("arms") + [split_arm(a)[0] for a in config.names("continual_arms")]
         if a not in ARMS
     ]
     if not 0 <= config.replay_ratio + config.continual_replay < 1:
@@ -161,6 +164,14 @@ def check(config: ScienceConfig) -> None:
         raise SystemExit("nano_science: " + "; ".join(problems))
 
 
+def split_arm(arm: str) -> tuple[str, str]:
+    """A continual arm's training arm and its replay suffix ('' when it replays no earlier pack)."""
+    for suffix in CONTINUAL_SUFFIXES:
+        if arm.endswith(suffix):
+            return arm.removesuffix(suffix), suffix
+    return arm, ""
+
+
 def replay_folder(config: ScienceConfig) -> str:
     if config.replay_ratio <= 0:
         return ""
@@ -179,10 +190,12 @@ def round_config(
     init_adapter: str = "",
     earlier: Sequence[str] = (),
 ) -> TrainConfig:
-    """`earlier`: the packs of the continual run's earlier rounds, replayed by a `+replay` arm."""
+    """`earlier`: the packs of the continual run's earlier rounds, replayed by a `+replay` or `+lwf` arm."""
     world = replay_folder(config)
     replay, ratio = [world] if world else [], config.replay_ratio if world else 0.0
-    if arm.endswith(REPLAY_SUFFIX) and earlier:
+    arm, suffix = split_arm(arm)
+    replay_overrides = CONTINUAL_SUFFIXES[suffix] if suffix and earlier else {}
+    if suffix and earlier:
         replay += [str(Path(config.world) / "packs" / p) for p in earlier]
         ratio += config.continual_replay
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
@@ -197,7 +210,8 @@ def round_config(
         replay_data=",".join(replay),
         replay_ratio=ratio,
         init_adapter=init_adapter,
-        **ARMS[arm.removesuffix(REPLAY_SUFFIX)],
+        **ARMS[arm],
+        **replay_overrides,
         **later_round,
     )
 
@@ -516,7 +530,8 @@ def render_markdown(results: dict) -> str:
             f"## Continual run (packs in order, each round from the previous adapter; at {deployed} steps)",
             "",
             f"Later rounds train at lr {config['continual_lr'] or 'of the preset'}; a `+replay` arm draws "
-            f"{config['continual_replay']} of each batch from the earlier packs.",
+            f"{config['continual_replay']} of each batch from the earlier packs (`+lwf`: taught by the previous "
+            "adapter from their captions).",
             "",
             "| model | after round | " + " | ".join(m.split("/")[0] for m in tracked) + " |",
             "| --- | --- |" + " --- |" * len(tracked),

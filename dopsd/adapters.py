@@ -19,6 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 STUDENT = "student"
 TEACHER = "teacher"
+PREVIOUS = "previous"
+"""A frozen copy of the adapter a round starts from: the teacher of replayed samples under replay_teacher=previous."""
 
 
 def lora_config(rank: int, alpha: float, targets: Sequence[str]) -> LoraConfig:
@@ -38,19 +40,26 @@ def check_targets(transformer: torch.nn.Module, targets: Sequence[str]) -> None:
         )
 
 
-def add_student_teacher(transformer, rank: int, alpha: float, targets: Sequence[str]) -> None:
-    """Add `student` (trainable) and `teacher` (frozen) LoRA adapters, both starting equal (B = 0: the base)."""
+def add_student_teacher(
+    transformer, rank: int, alpha: float, targets: Sequence[str], with_previous: bool = False
+) -> None:
+    """Add `student` (trainable) and `teacher` (frozen) LoRA adapters, both starting equal (B = 0: the base), and
+    with `with_previous` a third frozen one, `previous`, equal to them too until a starting adapter is loaded."""
     check_targets(transformer, targets)
     config = lora_config(rank, alpha, targets)
+    frozen = [TEACHER, PREVIOUS] if with_previous else [TEACHER]
     transformer.add_adapter(config, adapter_name=STUDENT)
     with warnings.catch_warnings():
-        # A second adapter on one model is the design here, not the accident PEFT warns about.
+        # More than one adapter on one model is the design here, not the accident PEFT warns about.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        transformer.add_adapter(config, adapter_name=TEACHER)
-    set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name=STUDENT), TEACHER)
+        for name in frozen:
+            transformer.add_adapter(config, adapter_name=name)
+    for name in frozen:
+        set_peft_model_state_dict(transformer, get_peft_model_state_dict(transformer, adapter_name=STUDENT), name)
+    # add_adapter activates (and makes trainable) the adapter it adds: only the student learns.
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{STUDENT}." in name)
-        if f".{STUDENT}." in name or f".{TEACHER}." in name:
+        if any(f".{adapter}." in name for adapter in (STUDENT, *frozen)):
             # Adapters stay float32 on a bf16 base: optimizer steps and EMA updates below bf16's resolution
             # would otherwise be lost (the EMA teacher would never move).
             param.data = param.data.float()
@@ -111,6 +120,11 @@ def load_adapter_state(transformer: torch.nn.Module, name: str, state: dict[str,
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter state for {name!r} has keys the model lacks: {unexpected[:5]}")
+
+
+def adapter_names(transformer: Any) -> list[str]:
+    """The adapters on the transformer, in the order they were added."""
+    return list(transformer.peft_config)
 
 
 def adapter_metadata(transformer: Any, name: str) -> dict:

@@ -41,6 +41,11 @@ class TrainConfig:
     replay_ratio: float = 0.0
     """Share of each batch drawn from `replay_data`: floor(batch_size * ratio) samples, plus one more with the
     probability of the remainder, so a batch of 1 still replays at this rate on average."""
+    replay_teacher: Literal["round", "previous"] = "round"
+    """Who teaches the replayed samples under D-OPSD. round: the round's teacher, seeing each sample's image, as for
+    the data. previous: the adapter the round starts from (`init_adapter`, kept frozen) on the caption alone, so the
+    student keeps doing on the replayed prompts what the previous round did (learning without forgetting, on the
+    student's own roll-outs)."""
     init_adapter: str = ""
     """LoRA folder (as a round writes it) that student and EMA teacher start from, e.g. the previous round's adapter
     in a continual run; its rank, alpha and targets must be this config's (empty: start from the base). On the nano

@@ -14,14 +14,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dopsd.adapters import STUDENT, TEACHER, use_adapter
+from dopsd.adapters import PREVIOUS, STUDENT, TEACHER, use_adapter
 from dopsd.models.base import Context, FewStepModel
 
-TeacherKind = Literal["ema", "base", "live"]
+TeacherKind = Literal["ema", "base", "live", "previous"]
 Target = Literal["x0", "velocity"]
 
-# Adapter each teacher kind evaluates with: the EMA copy, none (the frozen base), or the student itself.
-TEACHER_ADAPTER: dict[str, str | None] = {"ema": TEACHER, "base": None, "live": STUDENT}
+# Adapter each teacher kind evaluates with: the EMA copy, none (the frozen base), the student itself, or the frozen
+# adapter the round started from.
+TEACHER_ADAPTER: dict[str, str | None] = {"ema": TEACHER, "base": None, "live": STUDENT, "previous": PREVIOUS}
 
 
 @dataclass
@@ -56,6 +57,24 @@ def prediction_distance(v_student, v_teacher, states, sigma, target: Target) -> 
     return F.mse_loss(states - s * v_student, states - s * v_teacher)
 
 
+@torch.no_grad()
+def teacher_velocity(
+    model: FewStepModel,
+    state: torch.Tensor,
+    sigma: torch.Tensor,
+    contexts: Sequence[Context],
+    teachers: Sequence[TeacherKind],
+) -> torch.Tensor:
+    """The teachers' velocities at the student's states: one forward per teacher kind, over its own samples."""
+    transformer = model.pipeline.transformer
+    velocity = torch.empty_like(state)
+    for kind in dict.fromkeys(teachers):
+        rows = [i for i, k in enumerate(teachers) if k == kind]
+        with use_adapter(transformer, TEACHER_ADAPTER[kind]):
+            velocity[rows] = model.velocity(state[rows], sigma[rows], [contexts[i] for i in rows])
+    return velocity
+
+
 def dopsd_loss(
     model: FewStepModel,
     student_contexts: Sequence[Context],
@@ -64,7 +83,7 @@ def dopsd_loss(
     sigmas: torch.Tensor,
     *,
     target: Target = "x0",
-    teacher: TeacherKind = "ema",
+    teacher: TeacherKind | Sequence[TeacherKind] = "ema",
     grad_steps: int = 0,
     loss_max_sigma: float = 1.0,
     generator: torch.Generator | None = None,
@@ -72,12 +91,15 @@ def dopsd_loss(
 ) -> DopsdOutput:
     """On-policy self-distillation: roll the student out from `noise` along `sigmas` (ending at 0), and at every
     state it visits pull its prediction toward the teacher's (same network, teacher adapter, image context).
+    `teacher` is one kind for the whole batch or one per sample (say, the previous adapter for replayed samples).
 
     States are detached (no backprop through time). `backward(loss_term, is_last)` if given is called on each
     trained step's share of the mean, so callers can free graphs early and sync gradients once.
     """
     transformer = model.pipeline.transformer
-    teacher_adapter = TEACHER_ADAPTER[teacher]
+    teachers = [teacher] * len(noise) if isinstance(teacher, str) else list(teacher)
+    if len(teachers) != len(noise):
+        raise ValueError(f"{len(teachers)} teacher kinds for a batch of {len(noise)}")
     num_steps = len(sigmas) - 1
     trained = rollout_steps_to_train(sigmas, grad_steps, generator, loss_max_sigma)
     x = noise.float()
@@ -90,8 +112,7 @@ def dopsd_loss(
         train_here = k in trained
         if train_here:
             # Teacher first: its forward then never coexists with the student's stored activations.
-            with use_adapter(transformer, teacher_adapter), torch.no_grad():
-                v_teacher = model.velocity(state, sigma, teacher_contexts)
+            v_teacher = teacher_velocity(model, state, sigma, teacher_contexts, teachers)
         # The backward runs under the student adapter too: gradient checkpointing recomputes with it.
         with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here):
             v_student = model.velocity(state, sigma, student_contexts)

@@ -29,7 +29,7 @@ from dopsd import adapters
 from dopsd.config import TrainConfig, comma_separated
 from dopsd.data import Example, read_dataset
 from dopsd.models import Context, FewStepModel, load_model
-from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
+from dopsd.objective import TeacherKind, dopsd_loss, sample_training_sigmas, sft_loss
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
@@ -119,7 +119,8 @@ def build_cache(model: FewStepModel, config: TrainConfig, examples: list[Example
 
 
 def read_replay(config: TrainConfig) -> list[Example]:
-    """The replay examples (none when the round replays nothing), checked like the data."""
+    """The replay examples (none when the round replays nothing), checked like the data, with the settings that
+    need them."""
     if not 0 <= config.replay_ratio < 1:
         raise ValueError(f"replay_ratio must be in [0, 1), got {config.replay_ratio}")
     if bool(config.replay_data) != (config.replay_ratio > 0):
@@ -127,7 +128,13 @@ def read_replay(config: TrainConfig) -> list[Example]:
             f"replay_data ({config.replay_data!r}) and replay_ratio ({config.replay_ratio}) go together: "
             "give a replay folder and a ratio above 0, or neither"
         )
-    return [example for folder in config.replay_folders() for example in read_dataset(folder)]
+    replay = [example for folder in config.replay_folders() for example in read_dataset(folder)]
+    if config.replay_teacher == "previous" and not (config.method == "dopsd" and config.init_adapter and replay):
+        raise ValueError(
+            "replay_teacher=previous distils the replayed samples from the adapter the round starts from: it needs "
+            f"method=dopsd (got {config.method}), an init_adapter (got {config.init_adapter!r}) and replay data"
+        )
+    return replay
 
 
 def draw_batch(
@@ -146,7 +153,8 @@ def draw_batch(
 
 
 def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
-    """Start student and teacher from a saved adapter, once its LoRA layout is checked to be this round's."""
+    """Start every adapter (student, teacher, previous) from a saved one, once its LoRA layout is checked to be this
+    round's."""
     path = Path(folder) / LORA_WEIGHTS
     if not path.is_file():
         raise ValueError(f"init_adapter {folder}: no {LORA_WEIGHTS} there; give the adapter/ folder a round wrote")
@@ -166,7 +174,7 @@ def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
         raise ValueError(f"init_adapter {folder} does not fit this round's LoRA: it has {'; '.join(mismatched)}")
     # diffusers files prefix every key with the pipeline component the LoRA belongs to.
     state = {key.removeprefix("transformer."): value for key, value in load_file(str(path)).items()}
-    for name in (adapters.STUDENT, adapters.TEACHER):
+    for name in adapters.adapter_names(transformer):
         adapters.load_adapter_state(transformer, name, state)
 
 
@@ -231,6 +239,17 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, transformer, optimiz
     return int(json.loads((folder / "step.json").read_text())["step"])
 
 
+def teachers_of(
+    config: TrainConfig, cache: SampleCache, index: list[int], n_data: int
+) -> tuple[list[TeacherKind], list[Context]]:
+    """Each drawn sample's teacher and its context: the round's teacher with the image context, except replayed
+    samples (index >= n_data) under replay_teacher=previous, taught by the starting adapter from the caption."""
+    previous = [config.replay_teacher == "previous" and i >= n_data for i in index]
+    teachers: list[TeacherKind] = ["previous" if p else config.teacher for p in previous]
+    contexts = [cache.student[i] if p else cache.teacher[i] for i, p in zip(index, previous, strict=True)]
+    return teachers, contexts
+
+
 def rollout_sigmas(model: FewStepModel, config: TrainConfig) -> torch.Tensor:
     if config.rollout == "model":
         return model.schedule(config.rollout_steps, config.resolution, config.resolution)
@@ -253,7 +272,9 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     transformer = model.pipeline.transformer
     targets = config.targets_list() or list(model.default_lora_targets)
     torch.manual_seed(config.seed)  # LoRA A init: identical on every process
-    adapters.add_student_teacher(transformer, config.lora_rank, config.lora_alpha, targets)
+    adapters.add_student_teacher(
+        transformer, config.lora_rank, config.lora_alpha, targets, with_previous=config.replay_teacher == "previous"
+    )
     if config.init_adapter:
         load_init_adapter(transformer, config.init_adapter)
     if config.gradient_checkpointing:
@@ -312,14 +333,15 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
             student = [cache.student[i] for i in index]
             with accelerator.autocast():
                 if config.method == "dopsd":
+                    teachers, teacher_contexts = teachers_of(config, cache, index, len(examples))
                     out = dopsd_loss(
                         model,
                         student,
-                        [cache.teacher[i] for i in index],
+                        teacher_contexts,
                         noise,
                         sigmas,
                         target=config.target,
-                        teacher=config.teacher,
+                        teacher=teachers,
                         grad_steps=config.grad_steps,
                         loss_max_sigma=config.loss_max_sigma,
                         generator=generators["noise"],

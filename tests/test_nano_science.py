@@ -26,12 +26,12 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--seeds=0,1",
         "--round-steps=2",
         "--round-batch=2",
-        "--replay-ratio=0.5",
+        "--replay-ratio=0.25",
         "--replay-images=4",
         "--eval-steps=1,4",
         "--eval-images=1",
         "--reference-images=8",
-        "--continual-arms=dopsd,sft+replay",
+        "--continual-arms=dopsd,dopsd+lwf",
         "--continual-premise=2",
         "--continual-lr=2e-4",
         f"--workdir={tmp_path / 'work'}",
@@ -61,15 +61,18 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         assert all((out.parent / grid).is_file() for grid in study["grids"].values())
     rounds = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
     assert rounds["config"]["init_adapter"].endswith("dopsd-s1/star/adapter")  # chained from the star round
-    assert rounds["config"]["replay_ratio"] == 0.5 and rounds["config"]["steps"] == 2
+    assert rounds["config"]["replay_ratio"] == 0.25 and rounds["config"]["steps"] == 2
     assert rounds["config"]["lr"] == 2e-4  # a later round takes the continual lr, a first round the preset's
     first = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "star" / "round.json").read_text())
     assert first["config"]["lr"] == 5e-4
     assert rounds["config"]["replay_data"] == str(tmp_path / "work" / "replay")
-    replayed = json.loads((tmp_path / "work" / "continual" / "sft+replay-s0" / "teal" / "round.json").read_text())
-    # The +replay arm's second round pools the world renders and the first round's pack, their shares added.
+    replayed = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "teal" / "round.json").read_text())
+    # The +lwf arm's second round pools the world renders and the first round's pack, their shares added, all taught
+    # by the star round's adapter; its first round has nothing earlier to keep.
     assert replayed["config"]["replay_data"] == f"{tmp_path / 'work' / 'replay'},{world / 'packs' / 'star'}"
-    assert replayed["config"]["replay_ratio"] == 0.5 + 0.375 and replayed["config"]["method"] == "sft"
+    assert replayed["config"]["replay_ratio"] == 0.25 + 0.375 and replayed["config"]["replay_teacher"] == "previous"
+    lwf_first = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "star" / "round.json").read_text())
+    assert lwf_first["config"]["replay_teacher"] == "round" and lwf_first["config"]["init_adapter"] == ""
     continual = results["continual"]["dopsd"]
     assert list(continual) == ["star", "teal"]
     assert set(continual["teal"]) == {
@@ -78,7 +81,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "retention/geneval/overall",
     }
     premise = results["continual_premise"]
-    assert list(premise) == ["base", "dopsd", "sft+replay"] and list(premise["dopsd"]) == ["star", "teal"]
+    assert list(premise) == ["base", "dopsd", "dopsd+lwf"] and list(premise["dopsd"]) == ["star", "teal"]
     for after in ("star", "teal"):
         for pack in ("star", "teal"):
             for value in premise["dopsd"][after][pack].values():

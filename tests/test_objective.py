@@ -105,6 +105,28 @@ def test_teacher_kinds_use_the_named_weights(model):
     assert dopsd_loss(model, student, student, noise(model), SIGMAS, teacher="ema").loss.item() == 0.0
 
 
+def test_each_sample_can_have_its_own_teacher(tiny_zimage_path):
+    torch.manual_seed(0)
+    model = ZImageModel.load(tiny_zimage_path)
+    transformer = model.pipeline.transformer
+    adapters.add_student_teacher(transformer, 4, 8.0, model.default_lora_targets, with_previous=True)
+    previous = [p for n, p in transformer.named_parameters() if f".{adapters.PREVIOUS}." in n]
+    assert previous and not any(p.requires_grad for p in previous)
+    perturb_student(model)
+    # The previous adapter becomes the perturbed student: as a teacher it then has nothing to teach.
+    adapters.load_adapter_state(transformer, adapters.PREVIOUS, adapters.adapter_state_dict(transformer, "student"))
+    student, n = model.encode_student(PROMPTS), noise(model)
+    assert dopsd_loss(model, student, student, n, SIGMAS, teacher="previous").loss.item() == 0.0
+    # Mixed: the first sample taught by the previous adapter (nothing), the second by the base; the batch mean
+    # is then half the second sample's loss under the base alone.
+    mixed = dopsd_loss(model, student, student, n, SIGMAS, teacher=["previous", "base"])
+    second = dopsd_loss(model, student[1:], student[1:], n[1:], SIGMAS, teacher="base")
+    assert second.loss.item() > 0
+    assert mixed.step_losses == pytest.approx([loss / 2 for loss in second.step_losses], rel=1e-4)
+    with pytest.raises(ValueError, match="1 teacher kinds for a batch of 2"):
+        dopsd_loss(model, student, student, n, SIGMAS, teacher=["base"])
+
+
 def test_per_step_backward_gives_the_summed_gradient(model):
     perturb_student(model)
     transformer = model.pipeline.transformer

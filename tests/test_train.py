@@ -15,7 +15,16 @@ from safetensors.torch import load_file
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, read_dataset
 from dopsd.preview import pipeline_images
-from dopsd.train import LORA_WEIGHTS, TrainingDiverged, cache_path, checkpoint_dirs, draw_batch, train
+from dopsd.train import (
+    LORA_WEIGHTS,
+    SampleCache,
+    TrainingDiverged,
+    cache_path,
+    checkpoint_dirs,
+    draw_batch,
+    teachers_of,
+    train,
+)
 from tests.conftest import write_dataset
 
 BIN = Path(sys.executable).parent
@@ -158,6 +167,49 @@ def test_a_round_trains_on_its_replay_data(tmp_path, tiny_zimage_path, dataset):
     assert cache_path(pooled, read_dataset(dataset) + read_dataset(replay) + read_dataset(second)).is_file()
     a, b = lora_weights(plain), lora_weights(mixed)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_starting_adapter_can_teach_the_replayed_samples(tmp_path, tiny_zimage_path, dataset):
+    replay = write_replay(tmp_path / "replay")
+    first = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "first", steps=2))
+    lwf = {"replay_data": str(replay), "replay_ratio": 0.5, "replay_teacher": "previous"}
+    # Without a starting adapter, without D-OPSD, or without replay data there is nothing for it to do.
+    start = {"init_adapter": str(first)}
+    for refused in [lwf, {**lwf, **start, "method": "sft"}, {**start, "replay_teacher": "previous"}]:
+        with pytest.raises(ValueError, match="replay_teacher=previous distils the replayed samples"):
+            train(tiny_config(tiny_zimage_path, dataset, tmp_path / "refused", **refused))
+    assert not (tmp_path / "refused").exists()
+
+    config = tiny_config(tiny_zimage_path, dataset, tmp_path / "unused", **lwf, init_adapter=str(first))
+    cache = SampleCache(
+        student=[{"cap_feats": torch.zeros(2, 8)} for _ in range(4)],
+        teacher=[{"cap_feats": torch.zeros(5, 8)} for _ in range(4)],
+        latents=torch.zeros(4, 4, 4, 4),
+    )
+    teachers, contexts = teachers_of(config, cache, [0, 3, 1, 2], n_data=3)
+    assert teachers == ["ema", "previous", "ema", "ema"]  # only index 3 is a replayed sample
+    assert contexts[1] is cache.student[3] and contexts[0] is cache.teacher[0]
+
+    # A resumed round restores the previous adapter from init_adapter: it ends as the uninterrupted one.
+    rounds = {}
+    for name, steps in [("straight", [4]), ("resumed", [2, 4]), ("round-teacher", [4])]:
+        options = {**lwf, "replay_teacher": "round"} if name == "round-teacher" else lwf
+        for total in steps:
+            train(
+                tiny_config(
+                    tiny_zimage_path,
+                    dataset,
+                    tmp_path / name,
+                    steps=total,
+                    checkpoint_every=2,
+                    init_adapter=str(first),
+                    **options,
+                )
+            )
+        rounds[name] = lora_weights(tmp_path / name / "adapter")
+    for key in rounds["straight"]:
+        torch.testing.assert_close(rounds["resumed"][key], rounds["straight"][key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(rounds["straight"][k], rounds["round-teacher"][k]) for k in rounds["straight"])
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, tiny_zimage_path):
