@@ -20,7 +20,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 STUDENT = "student"
 TEACHER = "teacher"
 PREVIOUS = "previous"
-"""A frozen copy of the adapter a round starts from: the teacher of replayed samples under replay_teacher=previous."""
+"""A frozen copy of the adapter a round starts from (B = 0, the base, when it starts from the base): the teacher of
+replayed samples under replay_teacher=previous."""
 
 
 def lora_config(rank: int, alpha: float, targets: Sequence[str]) -> LoraConfig:

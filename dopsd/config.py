@@ -43,9 +43,9 @@ class TrainConfig:
     probability of the remainder, so a batch of 1 still replays at this rate on average."""
     replay_teacher: Literal["round", "previous"] = "round"
     """Who teaches the replayed samples under D-OPSD. round: the round's teacher, seeing each sample's image, as for
-    the data. previous: the adapter the round starts from (`init_adapter`, kept frozen) on the caption alone, so the
-    student keeps doing on the replayed prompts what the previous round did (learning without forgetting, on the
-    student's own roll-outs)."""
+    the data. previous: the weights the round starts from (`init_adapter`, else the base), kept frozen, on the caption
+    alone, so the student keeps doing on the replayed prompts what it did before the round (learning without
+    forgetting, on the student's own roll-outs)."""
     init_adapter: str = ""
     """LoRA folder (as a round writes it) that student and EMA teacher start from, e.g. the previous round's adapter
     in a continual run; its rank, alpha and targets must be this config's (empty: start from the base). On the nano

@@ -129,10 +129,10 @@ def read_replay(config: TrainConfig) -> list[Example]:
             "give a replay folder and a ratio above 0, or neither"
         )
     replay = [example for folder in config.replay_folders() for example in read_dataset(folder)]
-    if config.replay_teacher == "previous" and not (config.method == "dopsd" and config.init_adapter and replay):
+    if config.replay_teacher == "previous" and not (config.method == "dopsd" and replay):
         raise ValueError(
-            "replay_teacher=previous distils the replayed samples from the adapter the round starts from: it needs "
-            f"method=dopsd (got {config.method}), an init_adapter (got {config.init_adapter!r}) and replay data"
+            "replay_teacher=previous distils the replayed samples from the weights the round starts from: it needs "
+            f"method=dopsd (got {config.method}) and replay data"
         )
     return replay
 
@@ -243,7 +243,7 @@ def teachers_of(
     config: TrainConfig, cache: SampleCache, index: list[int], n_data: int
 ) -> tuple[list[TeacherKind], list[Context]]:
     """Each drawn sample's teacher and its context: the round's teacher with the image context, except replayed
-    samples (index >= n_data) under replay_teacher=previous, taught by the starting adapter from the caption."""
+    samples (index >= n_data) under replay_teacher=previous, taught by the starting weights from the caption."""
     previous = [config.replay_teacher == "previous" and i >= n_data for i in index]
     teachers: list[TeacherKind] = ["previous" if p else config.teacher for p in previous]
     contexts = [cache.student[i] if p else cache.teacher[i] for i, p in zip(index, previous, strict=True)]

@@ -169,18 +169,17 @@ def test_a_round_trains_on_its_replay_data(tmp_path, tiny_zimage_path, dataset):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_starting_adapter_can_teach_the_replayed_samples(tmp_path, tiny_zimage_path, dataset):
+def test_the_starting_weights_can_teach_the_replayed_samples(tmp_path, tiny_zimage_path, dataset):
     replay = write_replay(tmp_path / "replay")
     first = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "first", steps=2))
-    lwf = {"replay_data": str(replay), "replay_ratio": 0.5, "replay_teacher": "previous"}
-    # Without a starting adapter, without D-OPSD, or without replay data there is nothing for it to do.
-    start = {"init_adapter": str(first)}
-    for refused in [lwf, {**lwf, **start, "method": "sft"}, {**start, "replay_teacher": "previous"}]:
+    lwf = {"replay_data": str(replay), "replay_ratio": 0.5}
+    # Without D-OPSD or without replay data there is nothing for it to do.
+    for refused in [{**lwf, "method": "sft"}, {}]:
         with pytest.raises(ValueError, match="replay_teacher=previous distils the replayed samples"):
-            train(tiny_config(tiny_zimage_path, dataset, tmp_path / "refused", **refused))
+            train(tiny_config(tiny_zimage_path, dataset, tmp_path / "refused", replay_teacher="previous", **refused))
     assert not (tmp_path / "refused").exists()
 
-    config = tiny_config(tiny_zimage_path, dataset, tmp_path / "unused", **lwf, init_adapter=str(first))
+    config = tiny_config(tiny_zimage_path, dataset, tmp_path / "unused", **lwf, replay_teacher="previous")
     cache = SampleCache(
         student=[{"cap_feats": torch.zeros(2, 8)} for _ in range(4)],
         teacher=[{"cap_feats": torch.zeros(5, 8)} for _ in range(4)],
@@ -193,7 +192,7 @@ def test_the_starting_adapter_can_teach_the_replayed_samples(tmp_path, tiny_zima
     # A resumed round restores the previous adapter from init_adapter: it ends as the uninterrupted one.
     rounds = {}
     for name, steps in [("straight", [4]), ("resumed", [2, 4]), ("round-teacher", [4])]:
-        options = {**lwf, "replay_teacher": "round"} if name == "round-teacher" else lwf
+        teacher = "round" if name == "round-teacher" else "previous"
         for total in steps:
             train(
                 tiny_config(
@@ -203,13 +202,22 @@ def test_the_starting_adapter_can_teach_the_replayed_samples(tmp_path, tiny_zima
                     steps=total,
                     checkpoint_every=2,
                     init_adapter=str(first),
-                    **options,
+                    replay_teacher=teacher,
+                    **lwf,
                 )
             )
         rounds[name] = lora_weights(tmp_path / name / "adapter")
     for key in rounds["straight"]:
         torch.testing.assert_close(rounds["resumed"][key], rounds["straight"][key], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(rounds["straight"][k], rounds["round-teacher"][k]) for k in rounds["straight"])
+    # From the base, the base itself teaches the replayed captions.
+    from_base = {
+        teacher: lora_weights(
+            train(tiny_config(tiny_zimage_path, dataset, tmp_path / teacher, steps=2, **lwf, replay_teacher=teacher))
+        )
+        for teacher in ("previous", "round")
+    }
+    assert any(not torch.equal(from_base["previous"][k], from_base["round"][k]) for k in from_base["round"])
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, tiny_zimage_path):
