@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from dopsd import adapters
-from dopsd.models import ZImageModel
+from dopsd.models import ZImageModel, load_model
 from dopsd.objective import dopsd_loss, rollout_steps_to_train, sft_loss
 
 SIGMAS = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
@@ -125,6 +125,18 @@ def test_each_sample_can_have_its_own_teacher(tiny_zimage_path):
     assert mixed.step_losses == pytest.approx([loss / 2 for loss in second.step_losses], rel=1e-4)
     with pytest.raises(ValueError, match="1 teacher kinds for a batch of 2"):
         dopsd_loss(model, student, student, n, SIGMAS, teacher=["base"])
+
+
+def test_klein_teachers_with_and_without_a_reference_share_a_batch(tiny_klein_path):
+    # FLUX.2-klein cannot batch contexts with and without reference tokens: each teacher kind runs on its own rows.
+    torch.manual_seed(0)
+    model = load_model(tiny_klein_path, text_encoder_layers=(1, 2, 3))
+    adapters.add_student_teacher(model.pipeline.transformer, 4, 8.0, model.default_lora_targets, with_previous=True)
+    student, teacher = model.encode_student(PROMPTS), model.encode_teacher(PROMPTS, images(2))
+    mixed = dopsd_loss(model, student, [student[0], teacher[1]], noise(model), SIGMAS, teacher=["previous", "ema"])
+    alone = dopsd_loss(model, student[1:], teacher[1:], noise(model)[1:], SIGMAS, teacher="ema")
+    assert alone.loss.item() > 0  # the reference image changes the teacher's prediction
+    assert mixed.step_losses == pytest.approx([loss / 2 for loss in alone.step_losses], rel=1e-4)
 
 
 def test_per_step_backward_gives_the_summed_gradient(model):
