@@ -62,10 +62,11 @@ ARMS: dict[str, dict] = {
     "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
-CONTINUAL_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
-"""A continual arm `<arm><suffix>` trains as <arm>, and its later rounds also replay the earlier packs' data with
-these overrides: `+replay` taught like the new pack's data (the round's teacher, seeing each image), `+lwf` taught by
-the previous round's adapter from the caption alone (learning without forgetting)."""
+REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
+"""An arm `<arm><suffix>` trains as <arm>; in the continual run its later rounds also replay the earlier packs' data.
+The suffix says who teaches what a round replays (those packs, and the base-world renders of `replay_ratio`):
+`+replay` the round's teacher, seeing each image, as for the new pack; `+lwf` the weights the round starts from
+(the previous adapter, or the base in a first round), from the caption alone (learning without forgetting)."""
 
 METRICS = {
     "concept": "concept/geneval/overall",
@@ -88,7 +89,8 @@ class ScienceConfig:
     packs: str = "star,teal,striped"
     """Comma-separated concept packs, in the continual run's order."""
     arms: str = "sft,dopsd,dopsd-base-teacher,dopsd-grad1"
-    """Comma-separated arms (see ARMS)."""
+    """Comma-separated arms (see ARMS), each optionally suffixed `+lwf`: its base-world replay (`replay_ratio`) is
+    then taught by the base from the captions."""
     seeds: str = "0,1,2"
     """Comma-separated training seeds: every arm trains once per seed, and spreads are taken across them."""
     preset: str = "nano"
@@ -140,8 +142,13 @@ def check(config: ScienceConfig) -> None:
     """Every input problem, named before hours of training start."""
     problems = [
         f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
-        for a in config.names("arms") + [split_arm(a)[0] for a in config.names("continual_arms")]
+        for a in [split_arm(a)[0] for a in config.names("arms") + config.names("continual_arms")]
         if a not in ARMS
+    ]
+    problems += [
+        f"arm {a!r} distils replayed base-world renders, but --replay-ratio is 0"
+        for a in config.names("arms")
+        if split_arm(a)[1] == "+lwf" and config.replay_ratio <= 0
     ]
     if not 0 <= config.replay_ratio + config.continual_replay < 1:
         problems.append(
@@ -165,8 +172,8 @@ def check(config: ScienceConfig) -> None:
 
 
 def split_arm(arm: str) -> tuple[str, str]:
-    """A continual arm's training arm and its replay suffix ('' when it replays no earlier pack)."""
-    for suffix in CONTINUAL_SUFFIXES:
+    """An arm's training arm and its replay suffix ('' when it has none)."""
+    for suffix in REPLAY_SUFFIXES:
         if arm.endswith(suffix):
             return arm.removesuffix(suffix), suffix
     return arm, ""
@@ -194,10 +201,10 @@ def round_config(
     world = replay_folder(config)
     replay, ratio = [world] if world else [], config.replay_ratio if world else 0.0
     arm, suffix = split_arm(arm)
-    replay_overrides = CONTINUAL_SUFFIXES[suffix] if suffix and earlier else {}
     if suffix and earlier:
         replay += [str(Path(config.world) / "packs" / p) for p in earlier]
         ratio += config.continual_replay
+    replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
     return make_config(
         config.preset,

@@ -37,9 +37,11 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",
     ]
-    bad = science(*options, "--arms=sft,dpo", "--packs=star,nothing", "--continual-lr=-1", check=False)
+    wrong = ["--arms=sft,dpo,dopsd+lwf", "--replay-ratio=0", "--packs=star,nothing", "--continual-lr=-1"]
+    bad = science(*options, *wrong, check=False)
     assert bad.returncode != 0
     assert "unknown arm 'dpo'" in bad.stderr and "packs/nothing_prompts.jsonl is missing" in bad.stderr
+    assert "arm 'dopsd+lwf' distils replayed base-world renders, but --replay-ratio is 0" in bad.stderr
     assert "continual_lr must be >= 0" in bad.stderr
     assert not (tmp_path / "work").exists()  # named before anything ran
 
@@ -68,11 +70,12 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert rounds["config"]["replay_data"] == str(tmp_path / "work" / "replay")
     replayed = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "teal" / "round.json").read_text())
     # The +lwf arm's second round pools the world renders and the first round's pack, their shares added, all taught
-    # by the star round's adapter; its first round has nothing earlier to keep.
+    # by the star round's adapter; its first round replays the world renders alone, taught by the base.
     assert replayed["config"]["replay_data"] == f"{tmp_path / 'work' / 'replay'},{world / 'packs' / 'star'}"
     assert replayed["config"]["replay_ratio"] == 0.25 + 0.375 and replayed["config"]["replay_teacher"] == "previous"
     lwf_first = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "star" / "round.json").read_text())
-    assert lwf_first["config"]["replay_teacher"] == "round" and lwf_first["config"]["init_adapter"] == ""
+    assert lwf_first["config"]["replay_teacher"] == "previous" and lwf_first["config"]["init_adapter"] == ""
+    assert lwf_first["config"]["replay_data"] == str(tmp_path / "work" / "replay")
     continual = results["continual"]["dopsd"]
     assert list(continual) == ["star", "teal"]
     assert set(continual["teal"]) == {
