@@ -46,8 +46,8 @@ class TrainConfig:
     the data. previous: the weights the round starts from (`init_adapter`, else the base), kept frozen, on the caption
     alone, so the student keeps doing on the replayed prompts what it did before the round (learning without
     forgetting, on the student's own roll-outs). On the nano world (star, then teal, half of each batch replaying the
-    star pack, 3 seeds) it learned teal 0.193 vs 0.148 for `round` and kept star 0.090 vs 0.076
-    (reports/nano_continual_screens.md)."""
+    star pack, 3 seeds) it learned teal 0.193 vs 0.148 for `round` and kept star 0.090 vs 0.076; replaying base-world
+    renders in a first round, retention was 0.520 vs 0.358 for `round` (reports/nano_continual_screens.md)."""
     init_adapter: str = ""
     """LoRA folder (as a round writes it) that student and EMA teacher start from, e.g. the previous round's adapter
     in a continual run; its rank, alpha and targets must be this config's (empty: start from the base). On the nano
