@@ -142,7 +142,7 @@ def check(config: ScienceConfig) -> None:
     """Every input problem, named before hours of training start."""
     problems = [
         f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
-        for a in [split_arm(a)[0] for a in config.names("arms") + config.names("continual_arms")]
+        for a, _ in map(split_arm, config.names("arms") + config.names("continual_arms"))
         if a not in ARMS
     ]
     problems += [
