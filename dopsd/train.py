@@ -46,9 +46,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+ROLES = ("student", "teacher")
+"""Whose contexts a sample cache holds."""
+
+
 @dataclass
 class SampleCache:
-    """Per-sample tensors computed once: student and teacher contexts and target latents."""
+    """Per-sample tensors computed once: student and teacher contexts and target latents. The teacher's list may be
+    shorter than the others: it holds the first samples, those that the round's teacher teaches."""
 
     student: list[Context]
     teacher: list[Context]
@@ -56,7 +61,7 @@ class SampleCache:
 
     def save(self, path: Path) -> None:
         flat = {"latents": self.latents.contiguous()}
-        for role, contexts in (("student", self.student), ("teacher", self.teacher)):
+        for role, contexts in zip(ROLES, (self.student, self.teacher), strict=True):
             for i, context in enumerate(contexts):
                 flat.update({f"{role}.{i}.{k}": v.contiguous().cpu() for k, v in context.items()})
         save_file(flat, str(path))
@@ -64,11 +69,9 @@ class SampleCache:
     @classmethod
     def load(cls, path: Path, device: torch.device) -> SampleCache:
         flat = {k: v.to(device) for k, v in load_file(str(path)).items()}
-        n = flat["latents"].shape[0]
-        contexts: dict[str, list[Context]] = {
-            "student": [{} for _ in range(n)],
-            "teacher": [{} for _ in range(n)],
-        }
+        # Every sample has a student context; the teacher's covers the samples it teaches (see build_cache).
+        counts = {role: len({k.split(".")[1] for k in flat if k.startswith(f"{role}.")}) for role in ROLES}
+        contexts: dict[str, list[Context]] = {role: [{} for _ in range(n)] for role, n in counts.items()}
         for key, value in flat.items():
             if key != "latents":
                 role, index, name = key.split(".", 2)
@@ -92,7 +95,8 @@ def build_model(config: TrainConfig, device: torch.device) -> FewStepModel:
 
 def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
     """Where this data's encodings live: keyed by what they depend on, so changed data is encoded afresh."""
-    key = [config.model, config.teacher_encoder, config.method, config.resolution, config.max_caption_tokens]
+    key = [config.model, config.teacher_encoder, config.method, config.replay_teacher, config.resolution]
+    key.append(config.max_caption_tokens)
     for e in examples:
         stat = e.image_path.stat()
         key.append((e.image_path.name, stat.st_size, stat.st_mtime_ns, e.caption))
@@ -100,16 +104,21 @@ def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
     return Path(config.output) / "cache" / f"{config.method}-{digest}.safetensors"
 
 
-def build_cache(model: FewStepModel, config: TrainConfig, examples: list[Example], device: torch.device) -> SampleCache:
-    """Encode every sample once (reused when it exists: a resumed round skips the encoders)."""
+def build_cache(
+    model: FewStepModel, config: TrainConfig, examples: list[Example], n_data: int, device: torch.device
+) -> SampleCache:
+    """Encode every sample once (reused when it exists: a resumed round skips the encoders). The image context
+    is encoded only for the samples the round's teacher teaches: under replay_teacher=previous, the data's first
+    n_data and not the replayed ones (the previous adapter reads their captions alone)."""
     path = cache_path(config, examples)
     if path.is_file():
         return SampleCache.load(path, device)
+    taught = n_data if config.replay_teacher == "previous" else len(examples)
     student, teacher, latents = [], [], []
-    for example in tqdm(examples, desc="encoding samples", leave=False):
+    for i, example in enumerate(tqdm(examples, desc="encoding samples", leave=False)):
         image = example.load_image()
         student += model.encode_student([example.caption])
-        if config.method == "dopsd":
+        if config.method == "dopsd" and i < taught:
             teacher += model.encode_teacher([example.caption], [image])
         latents.append(model.to_latents([image], config.resolution, config.resolution))
     cache = SampleCache(student, teacher, torch.cat(latents))
@@ -287,7 +296,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     pairs = adapters.adapter_pairs(transformer)
 
     with accelerator.main_process_first():
-        cache = build_cache(model, config, examples + replay, device)
+        cache = build_cache(model, config, examples + replay, len(examples), device)
     if device.type == "cuda":
         # Everything the round needs from the encoders is cached: give their memory to the transformer.
         for module in model.encoder_modules():

@@ -207,6 +207,12 @@ def test_the_starting_weights_can_teach_the_replayed_samples(tmp_path, tiny_zima
                 )
             )
         rounds[name] = lora_weights(tmp_path / name / "adapter")
+    # Only the samples the round's teacher teaches are read by the VLM: under previous, not the replayed ones.
+    n_data, n_replay = len(read_dataset(dataset)), len(read_dataset(replay))
+    for name, taught in [("straight", n_data), ("round-teacher", n_data + n_replay)]:
+        (cached,) = (tmp_path / name / "cache").glob("*.safetensors")
+        cache = SampleCache.load(cached, torch.device("cpu"))
+        assert (len(cache.student), len(cache.teacher)) == (n_data + n_replay, taught)
     for key in rounds["straight"]:
         torch.testing.assert_close(rounds["resumed"][key], rounds["straight"][key], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(rounds["straight"][k], rounds["round-teacher"][k]) for k in rounds["straight"])
