@@ -43,7 +43,7 @@ from dopsd.nano.bootstrap import BootstrapConfig, pretrain
 from dopsd.nano.model import NANO_RESOLUTION
 from dopsd.preview import parse_seeds
 from dopsd.sampling import sample_images
-from evaluation.geneval.rules import keep_detections, read_metadata, relative_position
+from evaluation.geneval.rules import read_metadata, relation_outcome
 from evaluation.nano.base_report import checkpoint_model, probe_checkpoint, probe_lines
 from evaluation.nano.detector import NanoDetector
 
@@ -74,32 +74,17 @@ class TaskMixConfig:
     """Seeds per position prompt of the relation count (32 steps, the bootstrap's guidance)."""
 
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
 def relation_counts(
     model: ZImageModel, records: list[dict], seeds: list[int], guidance: float, detector: NanoDetector
 ) -> Counter:
-    """Where position samples put the named object relative to the other one: on the named side, on the opposite
-    side, elsewhere (another axis or too close), or no relation to read (an object missing)."""
+    """`relation_outcome` of every position prompt's samples (32 steps), counted."""
     records = [r for r in records if r["tag"] == "position"]
     images = sample_images(
         model, model.encode_student([r["prompt"] for r in records]), seeds, 32, NANO_RESOLUTION, guidance=guidance
     )
     detections = detector.detect(images)
-    counts: Counter = Counter()
-    for record, found in zip([r for r in records for _ in seeds], detections, strict=True):
-        anchor, mover = record["include"]
-        kept = keep_detections(found, "position")
-        if not (kept.get(anchor["class"]) and kept.get(mover["class"])):
-            counts["object missing"] += 1
-            continue
-        relations = relative_position(kept[mover["class"]][0], kept[anchor["class"]][0])
-        named = mover["position"][0]
-        counts[
-            "named side" if named in relations else "opposite side" if OPPOSITE[named] in relations else "elsewhere"
-        ] += 1
-    return counts
+    paired = zip([r for r in records for _ in seeds], detections, strict=True)
+    return Counter(relation_outcome(found, record) for record, found in paired)
 
 
 def main(config: TaskMixConfig) -> dict:

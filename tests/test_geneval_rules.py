@@ -6,7 +6,14 @@ import pytest
 from PIL import Image
 
 from evaluation.geneval.detection import Detection
-from evaluation.geneval.rules import aggregate, evaluate_image, keep_detections, read_metadata, relative_position
+from evaluation.geneval.rules import (
+    aggregate,
+    evaluate_image,
+    keep_detections,
+    read_metadata,
+    relation_outcome,
+    relative_position,
+)
 
 IMAGE = Image.new("RGB", (100, 100))
 METADATA = Path(__file__).resolve().parents[2] / "shared" / "geneval" / "evaluation_metadata.jsonl"
@@ -82,6 +89,26 @@ def test_position_against_every_target_and_failed_groups():
     verdict = judge([dog_right], meta)  # target group failed: it counts as missing
     assert verdict.reason == "expected cat>=1, found 0\nno target for dog to be right of"
     assert not judge([cat, dog_left], meta).correct
+
+
+def test_relation_outcome_reads_where_the_named_object_landed():
+    dog_left_of_cat = {
+        "tag": "position",
+        "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}],
+    }
+    cat = det("cat", box=(50, 40, 60, 50))
+
+    def outcome(dog_box, *extra):
+        return relation_outcome([cat, det("dog", box=dog_box), *extra], dog_left_of_cat)
+
+    assert outcome((10, 40, 20, 50)) == "named side"
+    assert outcome((80, 40, 90, 50)) == "opposite side"
+    assert outcome((50, 80, 60, 90)) == "elsewhere"  # below, not beside
+    assert outcome((52, 42, 62, 52)) == "elsewhere"  # too close to read a relation
+    assert relation_outcome([cat], dog_left_of_cat) == "object missing"
+    assert relation_outcome([cat, det("dog", score=0.2)], dog_left_of_cat) == "object missing"  # under threshold
+    # The most confident detection of each class is the one read.
+    assert outcome((80, 40, 90, 50), det("dog", score=0.99, box=(10, 40, 20, 50))) == "named side"
 
 
 def test_aggregate_is_the_mean_of_task_accuracies():

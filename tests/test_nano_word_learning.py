@@ -1,19 +1,20 @@
-"""The shape-learning diagnostic runs as a program at a tiny budget and measures what it says it measures."""
+"""The word-learning diagnostic runs as a program at a tiny budget and measures what it says it measures."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 from dopsd.nano.world import GRID
+from evaluation.geneval.rules import RELATION_OUTCOMES
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_shape_learning.py"
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_word_learning.py"
 
 
 def run(*options):
     return subprocess.run([sys.executable, str(SCRIPT), *options], capture_output=True, text=True, timeout=600)
 
 
-def test_shape_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap):
+def test_word_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap):
     common = [f"--model={tiny_nano_bootstrap.model_dir}", f"--out={tmp_path}", "--batch=4", "--pool=8"]
     shown = run(*common, "--world=grid", "--steps=3", "--every=2", "--sample-steps=2")
     assert shown.returncode == 0, shown.stderr
@@ -22,6 +23,19 @@ def test_shape_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstra
     hit = float(lines[-1].split("shape hit ")[1].split()[0])
     assert 0.0 <= hit <= 1.0
     assert (tmp_path / "grid" / "step_3.png").is_file()
+    position = run(
+        *common,
+        "--world=position",
+        "--init=fresh",
+        "--train-text-encoder=true",
+        "--steps=2",
+        "--every=2",
+        "--sample-steps=2",
+    )
+    assert position.returncode == 0, position.stderr
+    (line,) = [line for line in position.stdout.splitlines() if line.startswith("position step 2")]
+    shares = [float(line.split(f"{outcome} ")[1].split(",")[0]) for outcome in RELATION_OUTCOMES]
+    assert abs(sum(shares) - 1.0) < 0.02  # the outcomes split every sample
     bad = run(*common, "--world=anywhere")
     assert bad.returncode != 0 and "config field 'world'" in bad.stderr
 
@@ -30,7 +44,7 @@ def test_reduced_worlds_place_objects_as_named():
     import numpy as np
 
     sys.path.insert(0, str(SCRIPT.parent))
-    from nano_shape_learning import reduced_world
+    from nano_word_learning import reduced_world
 
     rng = np.random.default_rng(0)
     fixed = reduced_world("fixed", 8, rng)
@@ -43,3 +57,24 @@ def test_reduced_worlds_place_objects_as_named():
     assert all(caption.endswith(s.objects[0].shape) for s, caption in grid)
     free = reduced_world("free", 50, rng)
     assert any(o.x % GRID for s, _ in free for o in s.objects)
+
+
+def test_position_world_is_read_as_captioned_on_clean_renders():
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from nano_word_learning import measure, reduced_world
+
+    from dopsd.nano.world import render
+    from evaluation.nano.detector import NanoDetector
+
+    items = reduced_world("position", 48, np.random.default_rng(1))
+    assert {caption.split()[4] for _, caption in items} == {"circle", "square", "triangle"}
+    measured = measure("position", [c for _, c in items], [render(s) for s, _ in items], NanoDetector.load())
+    assert measured["named side"] > 0.95 and measured["named | both"] > 0.95
+    swapped = [
+        c.replace("left of", "right of") if "left of" in c else c.replace("right of", "left of") for _, c in items
+    ]
+    flipped = measure("position", swapped, [render(s) for s, _ in items], NanoDetector.load())
+    horizontal = sum("left of" in c or "right of" in c for _, c in items) / len(items)
+    assert abs(flipped["opposite side"] - horizontal) < 0.05  # the horizontal captions now name the wrong side

@@ -150,7 +150,7 @@ def build_teacher_processor(cfg: TinyConfig) -> Qwen2VLImageProcessor:
     )
 
 
-def _init_pad_tokens(transformer: ZImageTransformer2DModel) -> None:
+def init_pad_tokens(transformer: ZImageTransformer2DModel) -> None:
     # diffusers creates these with torch.empty (they are always loaded from a checkpoint); random init needs values.
     with torch.no_grad():
         transformer.x_pad_token.normal_(0, 0.02)
@@ -180,7 +180,7 @@ def build_tiny_zimage(
         axes_dims=axes,
         axes_lens=[256, 64, 64],
     )
-    _init_pad_tokens(transformer)
+    init_pad_tokens(transformer)
     n = len(cfg.vae_channels)
     vae = AutoencoderKL(
         in_channels=3,

@@ -79,7 +79,7 @@ class BootstrapConfig:
     """Pretraining batch size."""
     pretrain_lr: float = 1e-3
     """Pretraining learning rate (of the transformer; the vision tower stays as its stage left it). On the
-    shape-learning diagnostic (one object, centres on the grid, batch 64) 1e-3 made samples show the named shape
+    word-learning diagnostic (one object, centres on the grid, batch 64) 1e-3 made samples show the named shape
     0.29 of the time at step 500, where 3e-4 reached 0.15 (and 0.23 at step 1000)."""
     pretrain_decay_steps: int = 2000
     """Final pretraining steps over which the learning rate falls linearly to zero."""

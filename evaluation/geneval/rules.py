@@ -96,6 +96,23 @@ def relative_position(a: Detection, b: Detection) -> set[str]:
     return relations
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+RELATION_OUTCOMES = ("named side", "opposite side", "elsewhere", "object missing")
+
+
+def relation_outcome(detections: Sequence[Detection], metadata: dict) -> str:
+    """Where a position sample put the named object relative to the other one: on the named side, on the opposite
+    side, elsewhere (another axis, or too close), or no relation to read (an object missing). A finer reading of
+    position failures than the verdict: a model that ignores relation words lands on both sides equally often."""
+    anchor, mover = metadata["include"]
+    kept = keep_detections(detections, "position")
+    if not (kept.get(anchor["class"]) and kept.get(mover["class"])):
+        return "object missing"
+    relations = relative_position(kept[mover["class"]][0], kept[anchor["class"]][0])
+    named = mover["position"][0]
+    return "named side" if named in relations else "opposite side" if OPPOSITE[named] in relations else "elsewhere"
+
+
 def _attribute_failure(
     image, found: list[Detection], clause: dict, classify: ColourClassifier, key: str, palette: Sequence[str]
 ) -> str | None:
