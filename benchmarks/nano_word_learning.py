@@ -42,10 +42,10 @@ from diffusers import ZImageTransformer2DModel
 from dopsd.config import parse_dataclass_args
 from dopsd.models.tiny import init_pad_tokens
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import encode_targets, flow_matching_loss
+from dopsd.nano.bootstrap import WorldStream, contexts_for, encode_targets, flow_matching_loss
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.scenes import RELATIONS, relation_holds
-from dopsd.nano.world import GRID, SIZES, Scene, WorldObject
+from dopsd.nano.scenes import RELATIONS, SceneSampler, relation_holds
+from dopsd.nano.world import GRID, SIZES, Scene, Vocabulary, WorldObject
 from dopsd.sampling import image_grid, sample_images
 from evaluation.geneval.rules import RELATION_OUTCOMES, relation_outcome
 from evaluation.nano.detector import NanoDetector
@@ -60,8 +60,9 @@ POSITION_COLOURS = {"circle": "red", "square": "blue", "triangle": "yellow"}
 class WordLearningConfig:
     model: str = "data/nano/bootstrap/model"
     """A nano pipeline folder with a trained VAE."""
-    world: Literal["fixed", "grid", "free", "position"] = "free"
-    """fixed, grid or free (shape words: where the object may sit), or position (relation words)."""
+    world: Literal["fixed", "grid", "free", "position", "position-full"] = "free"
+    """fixed, grid or free (shape words: where the object may sit); position (relation words), or position-full
+    (the full world's position scenes: six shapes, every colour, textures, two sizes)."""
     init: Literal["loaded", "fresh"] = "loaded"
     """loaded: train the folder's transformer from its weights; fresh: from a random initialisation of its config."""
     colour_per_shape: bool = True
@@ -69,6 +70,9 @@ class WordLearningConfig:
     relation; false: each object's colour drawn from the same three, so only its shape tells which it is."""
     train_text_encoder: bool = False
     """Train the Qwen3 text encoder together with the transformer, at the same learning rate."""
+    image_context_prob: float = 0.0
+    """Share of training samples conditioned on [reference image + caption] through the Qwen3-VL teacher encoder,
+    the reference the same content at other positions, as the bootstrap's pretraining does (0.5 there)."""
     steps: int = 1500
     """Training steps."""
     every: int = 250
@@ -120,6 +124,10 @@ def reduced_world(
         return [(Scene((WorldObject(shape, "red", radius=12.0),)), f"a picture of a red {shape}") for shape in shapes]
     if world == "position":
         return [position_item(rng, colour_per_shape) for _ in range(count)]
+    if world == "position-full":
+        sampler = SceneSampler(Vocabulary(), rng)
+        items = [sampler.sample("position") for _ in range(count)]
+        return [(item.scene, item.caption.replace("a photo of ", "a picture of ", 1)) for item in items]
     items = []
     for _ in range(count):
         shape, colour = SHAPES[rng.integers(len(SHAPES))], COLOURS[rng.integers(len(COLOURS))]
@@ -146,7 +154,7 @@ def measure(world: str, captions: list[str], images: list, detector: NanoDetecto
     seeds = len(images) // len(captions)
     prompts = [c for c in captions for _ in range(seeds)]
     paired = list(zip(prompts, detector.detect(images), strict=True))
-    if world != "position":
+    if not world.startswith("position"):
         return {"shape hit": float(np.mean([any(d.cls == p.split()[-1] for d in found) for p, found in paired]))}
     counts = Counter(relation_outcome(found, position_metadata(p)) for p, found in paired)
     shares = {outcome: counts[outcome] / len(prompts) for outcome in RELATION_OUTCOMES}
@@ -155,9 +163,16 @@ def measure(world: str, captions: list[str], images: list, detector: NanoDetecto
 
 
 def main(config: WordLearningConfig) -> list[dict]:
+    if config.train_text_encoder and config.image_context_prob:
+        raise ValueError(
+            "train_text_encoder and image_context_prob go one at a time (the VL encoder's copy of the "
+            "text weights would not follow the trained text encoder)"
+        )
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS, with_teacher_encoder=False)
+    with_image = config.image_context_prob > 0
+    model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS, with_teacher_encoder=with_image)
+    references = WorldStream(config.seed + 1)
     transformer, text_encoder = model.pipeline.transformer, model.pipeline.text_encoder
     if config.init == "fresh":
         fresh = ZImageTransformer2DModel.from_config(transformer.config)
@@ -181,7 +196,9 @@ def main(config: WordLearningConfig) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, step / 100)
         chosen = torch.randint(len(items), (config.batch,), generator=generator).tolist()
-        if config.train_text_encoder:
+        if with_image:
+            contexts = contexts_for(model, [items[i] for i in chosen], references, config.image_context_prob, rng)
+        elif config.train_text_encoder:
             batch_captions = [items[i][1] for i in chosen]
             # The pipeline's own encoding, with gradient (encode_student runs it without).
             feats = model.pipeline._encode_prompt(batch_captions, model.device, max_sequence_length=NANO_CAPTION_TOKENS)

@@ -36,8 +36,12 @@ def test_word_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap
     (line,) = [line for line in position.stdout.splitlines() if line.startswith("position step 2")]
     shares = [float(line.split(f"{outcome} ")[1].split(",")[0]) for outcome in RELATION_OUTCOMES]
     assert abs(sum(shares) - 1.0) < 0.02  # the outcomes split every sample
+    with_image = run(*common, "--world=position", "--image-context-prob=0.5", "--steps=1", "--sample-steps=2")
+    assert with_image.returncode == 0 and "position step 1:" in with_image.stdout, with_image.stderr
     bad = run(*common, "--world=anywhere")
     assert bad.returncode != 0 and "config field 'world'" in bad.stderr
+    both = run(*common, "--world=position", "--image-context-prob=0.5", "--train-text-encoder=true")
+    assert both.returncode != 0 and "go one at a time" in both.stderr
 
 
 def test_reduced_worlds_place_objects_as_named():
@@ -68,13 +72,16 @@ def test_position_world_is_read_as_captioned_on_clean_renders():
     from dopsd.nano.world import render
     from evaluation.nano.detector import NanoDetector
 
+    detector = NanoDetector.load()
+    full = reduced_world("position-full", 48, np.random.default_rng(1))
+    assert measure("position-full", [c for _, c in full], [render(s) for s, _ in full], detector)["named side"] > 0.95
     items = reduced_world("position", 48, np.random.default_rng(1))
     assert {caption.split()[4] for _, caption in items} == {"circle", "square", "triangle"}
-    measured = measure("position", [c for _, c in items], [render(s) for s, _ in items], NanoDetector.load())
+    measured = measure("position", [c for _, c in items], [render(s) for s, _ in items], detector)
     assert measured["named side"] > 0.95 and measured["named | both"] > 0.95
     swapped = [
         c.replace("left of", "right of") if "left of" in c else c.replace("right of", "left of") for _, c in items
     ]
-    flipped = measure("position", swapped, [render(s) for s, _ in items], NanoDetector.load())
+    flipped = measure("position", swapped, [render(s) for s, _ in items], detector)
     horizontal = sum("left of" in c or "right of" in c for _, c in items) / len(items)
     assert abs(flipped["opposite side"] - horizontal) < 0.05  # the horizontal captions now name the wrong side
