@@ -33,7 +33,8 @@ Measured (stop 22, one seed each, 2-core CPU, batch 64, lr 1e-3; "base" is `--in
 bootstrap's distilled transformer; the training captions' 16-step samples; named side / opposite side / named |
 both at 250, 500, 750, 1000 steps; all `--world position --lr 1e-3`, the rows `--init fresh --steps 1000`, the
 same with `--colour-per-shape false`, `--init loaded --colour-per-shape false --steps 750`, and that with
-`--image-context-prob 0.5 --steps 1000`; 1174, 1319, 1052 and 2319 s, the last two slowed by other jobs):
+`--image-context-prob 0.5 --steps 1000`, and `--world position-full --init loaded --steps 500` (its 120 training
+captions); 1174, 1319, 1052, 2319 and 677 s, the third and fourth slowed by other jobs):
 
 | start | colours | image contexts | named side | opposite side | named given both |
 |---|---|---|---|---|---|
@@ -41,12 +42,15 @@ same with `--colour-per-shape false`, `--init loaded --colour-per-shape false --
 | fresh | drawn | none | .01 / .04 / .20 / .53 | .00 / .04 / .07 / .02 | - / .29 / .68 / .96 |
 | base | drawn | none | .27 / .58 / .82 / - | .21 / .14 / .00 / - | .57 / .76 / .92 / - |
 | base | drawn | half | .30 / .21 / .32 / .52 | .31 / .20 / .25 / .12 | .48 / .33 / .46 / .75 |
+| base, `position-full` | drawn | none | .18 / .20 / - / - | .17 / .10 / - / - | .38 / .49 / - / - |
 
 The frozen random text encoder and this transformer learn relation words in a few hundred steps, from scratch
 or from the base: the model is not what holds position at chance in the full bootstrap (0.17 at 32 steps). Half
 the samples on the image context slowed the base to the pace of the caption-only samples it saw (step 1000 with
 them reads as step 500 without), after a dip at 500-750: those samples neither taught the relation nor stopped
-it. Not yet measured: `position-full` (the full world's objects), and position scenes mixed with free scenes.
+it. The full world's position scenes alone (six shapes, every colour, textures, two sizes) slowed the base far
+more: at 500 steps both objects drawn in 0.41 of the samples, the named side 0.20 against 0.10 opposite. Not yet
+measured: longer on `position-full`, and position scenes mixed with free scenes.
 """
 
 from __future__ import annotations
