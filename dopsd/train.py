@@ -95,8 +95,14 @@ def build_model(config: TrainConfig, device: torch.device) -> FewStepModel:
 
 def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
     """Where this data's encodings live: keyed by what they depend on, so changed data is encoded afresh."""
-    key = [config.model, config.teacher_encoder, config.method, config.replay_teacher, config.resolution]
-    key.append(config.max_caption_tokens)
+    key = [
+        config.model,
+        config.teacher_encoder,
+        config.method,
+        config.replay_teacher,
+        config.resolution,
+        config.max_caption_tokens,
+    ]
     for e in examples:
         stat = e.image_path.stat()
         key.append((e.image_path.name, stat.st_size, stat.st_mtime_ns, e.caption))
