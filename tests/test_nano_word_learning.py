@@ -67,7 +67,7 @@ def test_position_world_is_read_as_captioned_on_clean_renders():
     import numpy as np
 
     sys.path.insert(0, str(SCRIPT.parent))
-    from nano_word_learning import measure, reduced_world
+    from nano_word_learning import measure, measured_captions, reduced_world
 
     from dopsd.nano.world import render
     from evaluation.nano.detector import NanoDetector
@@ -75,6 +75,11 @@ def test_position_world_is_read_as_captioned_on_clean_renders():
     detector = NanoDetector.load()
     full = reduced_world("position-full", 48, np.random.default_rng(1))
     assert measure("position-full", [c for _, c in full], [render(s) for s, _ in full], detector)["named side"] > 0.95
+    mix = reduced_world("position-mix", 96, np.random.default_rng(1))
+    shown = measured_captions("position-mix", sorted({c for _, c in mix}))
+    assert 0 < len(shown) < len(mix) / 2  # position captions in one of three phrasings; free captions left out
+    scenes = {c: s for s, c in mix}
+    assert measure("position-mix", shown, [render(scenes[c]) for c in shown], detector)["named side"] > 0.95
     items = reduced_world("position", 48, np.random.default_rng(1))
     assert {caption.split()[4] for _, caption in items} == {"circle", "square", "triangle"}
     measured = measure("position", [c for _, c in items], [render(s) for s, _ in items], detector)
