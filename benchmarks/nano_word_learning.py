@@ -99,9 +99,9 @@ from evaluation.nano.detector import NanoDetector
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "crescent")
 COLOURS = ("red", "blue")
 POSITION_COLOURS = {"circle": "red", "square": "blue", "triangle": "yellow"}
+"""The position world's shapes, each in its own colour."""
 POSITION_ONLY = tuple(float(task == "position") for task in TASKS)
 """Task weights that draw the GenEval half of the pretraining stream from position scenes alone."""
-"""The position world's shapes, each in its own colour."""
 
 
 @dataclass
