@@ -53,7 +53,8 @@ class TaskMixConfig:
     bootstrap: str = "data/nano/bootstrap"
     """The finished bootstrap whose pretraining is continued; left untouched (the run works on a copy)."""
     workdir: str = "runs/nano-task-mix"
-    """The copy (model folder, pretraining checkpoint, config) and the continued run; an interrupted run resumes."""
+    """The copy (model folder, pretraining checkpoint, config) and the continued run, its recipe in
+    `continuation.json`; an interrupted run resumes."""
     task_weights: str = "0.5,1,2,0.5,4,1"
     """Relative frequency of each task family, comma-separated, in the order of `dopsd.nano.scenes.TASKS`."""
     steps: int = 1000
@@ -62,6 +63,9 @@ class TaskMixConfig:
     """Learning rate of the added steps (AdamW, its state continued from the checkpoint; no warm-up)."""
     decay_steps: int = 400
     """Final added steps over which the learning rate falls linearly to zero."""
+    image_context_prob: float = 0.5
+    """Share of samples conditioned on [reference + caption] instead of the caption alone (the bootstrap's recipe:
+    0.5). Relation words are learned from caption-only samples, so a lower share teaches them in fewer steps."""
     prompts: str = "data/nano/world/base_prompts.jsonl"
     """Held-out GenEval-nano prompts."""
     probe: bool = True
@@ -100,7 +104,9 @@ def main(config: TaskMixConfig) -> dict:
         # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.
         recipe = {**bootstrap, "workdir": str(workdir), "pretrain_steps": start + config.steps}
         recipe |= {"pretrain_lr": config.lr, "pretrain_decay_steps": config.decay_steps}
+        recipe["image_context_prob"] = config.image_context_prob
         recipe["task_weights"] = tuple(float(w) for w in config.task_weights.split(","))
+        (workdir / "continuation.json").write_text(json.dumps(recipe, indent=2))
         pretrain(BootstrapConfig(**recipe))
     detector = NanoDetector.load()
     model = checkpoint_model(workdir, "pretrain")

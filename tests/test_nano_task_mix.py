@@ -16,11 +16,15 @@ def test_task_mix_screen_continues_pretraining_in_a_copy(tmp_path, tiny_nano_boo
     before = (source / "checkpoints" / "pretrain" / "transformer.safetensors").read_bytes()
     prompts = write_jsonl(prompt_set(Vocabulary(), per_task=2, seed=0), tmp_path / "prompts.jsonl")
     command = [sys.executable, str(SCRIPT), f"--bootstrap={source}", f"--workdir={tmp_path / 'mix'}"]
-    command += [f"--prompts={prompts}", "--task-weights=0,0,0,0,1,0", "--steps=2", "--relation-seeds=0-1"]
+    command += [f"--prompts={prompts}", "--task-weights=0,0,0,0,1,0", "--image-context-prob=0.25", "--steps=2"]
+    command += ["--relation-seeds=0-1"]
     shown = subprocess.run([*command, "--probe=false"], capture_output=True, text=True, timeout=600)
     assert shown.returncode == 0, shown.stderr
     step = json.loads((tmp_path / "mix" / "checkpoints" / "pretrain" / "step.json").read_text())["step"]
     assert step == tiny_nano_bootstrap.pretrain_steps + 2
+    recipe = json.loads((tmp_path / "mix" / "continuation.json").read_text())
+    assert recipe["task_weights"] == [0, 0, 0, 0, 1, 0] and recipe["image_context_prob"] == 0.25
+    assert recipe["pretrain_steps"] == step and recipe["workdir"] == str(tmp_path / "mix")
     assert (source / "checkpoints" / "pretrain" / "transformer.safetensors").read_bytes() == before
     # two position prompts x two seeds, each counted once
     line = next(x for x in shown.stdout.splitlines() if x.startswith("position samples at 32 steps, 4:"))
