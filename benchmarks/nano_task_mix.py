@@ -116,9 +116,12 @@ def main(config: TaskMixConfig) -> dict:
     if config.steps:
         # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.
         recipe = {**bootstrap, "workdir": str(workdir), "pretrain_steps": start + config.steps}
-        recipe |= {"pretrain_lr": config.lr, "pretrain_decay_steps": config.decay_steps}
-        recipe["image_context_prob"] = config.image_context_prob
-        recipe["task_weights"] = tuple(float(w) for w in config.task_weights.split(","))
+        recipe |= {
+            "pretrain_lr": config.lr,
+            "pretrain_decay_steps": config.decay_steps,
+            "image_context_prob": config.image_context_prob,
+            "task_weights": tuple(float(w) for w in config.task_weights.split(",")),
+        }
         (workdir / "continuation.json").write_text(json.dumps(recipe, indent=2))
         pretrain(BootstrapConfig(**recipe))
     detector = NanoDetector.load()
