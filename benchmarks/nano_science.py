@@ -76,6 +76,8 @@ METRICS = {
 }
 """Reported metric -> the suite's name for it."""
 BASE = "base"
+BASE_RECORD = "base.json"
+"""In the work folder: the base its rounds were trained from and its scores measured on."""
 PREMISE_METRICS = ("teacher_concept", "teacher_accuracy")
 """Teacher-premise figures tracked through the continual run: the concept drawn, the whole prompt right."""
 
@@ -165,10 +167,22 @@ def check(config: ScienceConfig) -> None:
     ]
     if not (Path(config.model) / "model_index.json").is_file():
         problems.append(f"{config.model} holds no pipeline (build it with `dopsd nano bootstrap --export-to`)")
+    else:
+        recorded = Path(config.workdir) / BASE_RECORD
+        if recorded.is_file() and json.loads(recorded.read_text())["transformer"] != base_digest(config.model):
+            problems.append(
+                f"{config.workdir} holds rounds and scores of another base than {config.model} (see {recorded}): "
+                "give a new --workdir, or remove that one"
+            )
     if config.deployed_steps not in config.numbers("eval_steps"):
         problems.append(f"deployed_steps {config.deployed_steps} is not among eval_steps {config.eval_steps}")
     if problems:
         raise SystemExit("nano_science: " + "; ".join(problems))
+
+
+def base_digest(model: str) -> str:
+    """The base transformer's weights digest: the rounds and scores of a work folder hold for this base only."""
+    return file_digest(Path(model) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 def split_arm(arm: str) -> tuple[str, str]:
@@ -489,7 +503,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}; {results['seconds']:.0f} s in this run (reused work not counted); "
-        f"{results['date']}.",
+        f"{results['date']}.  ",
+        f"Base: `{results['base']['model']}` (transformer sha256 {results['base']['transformer'][:12]}).",
         "",
         f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}. Evaluation: "
@@ -600,6 +615,9 @@ def keep_grids(grids: dict[str, Path], folder: Path, prefix: str, report_dir: Pa
 def run(config: ScienceConfig, command: str, log=print) -> dict:
     check(config)
     start = time.time()
+    base = {"model": config.model, "transformer": base_digest(config.model)}
+    Path(config.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(config.workdir) / BASE_RECORD).write_text(json.dumps(base, indent=1))
     out = Path(config.out)
     plots = out.with_suffix("")
     evaluation = Evaluation(config)
@@ -609,6 +627,7 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         "machine": machine_description(default_device(), torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d"),
         "config": dataclasses.asdict(config),
+        "base": base,
         "round": f"{preset.steps} steps, batch {preset.batch_size}, lr {preset.lr}, LoRA rank {preset.lora_rank}",
         "prompts": {
             "retention": len(evaluation.retention.records),

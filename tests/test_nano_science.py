@@ -2,9 +2,12 @@
 at every step count, the continual run chains its rounds, and a second run reuses all of it."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
 
@@ -118,3 +121,15 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert later["config"]["lr"] == 3e-4
     premise_after = json.loads((work / "eval" / "continual-premise.json").read_text())
     assert len(premise_after) == len(premise_before) + 2 * 2  # two arms x two seeds after the teal round
+
+    # The work folder's rounds and scores belong to its base: another base is refused before anything runs.
+    assert results["base"]["transformer"] == json.loads((work / "base.json").read_text())["transformer"]
+    assert f"Base: `{tiny_nano_bootstrap.model_dir}` (transformer sha256 " in text
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_nano_bootstrap.model_dir, other)
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    first = next(iter(state))
+    save_file(state | {first: state[first] + 1}, str(weights))
+    refused = science(*options, f"--model={other}", check=False)
+    assert refused.returncode != 0 and f"{work} holds rounds and scores of another base than {other}" in refused.stderr
