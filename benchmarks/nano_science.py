@@ -16,7 +16,8 @@ accuracy tracked after every round, and the teacher premise under every adapter:
 draw each concept from its reference? Spreads are across training seeds.
 
 Everything lands in a work folder and is reused when present: a crashed run resumes where it stopped (a round from
-its last checkpoint). The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
+its last checkpoint). A work folder belongs to the base it was started on (`base.json`): another base needs another.
+The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
 
     .venv/bin/python benchmarks/nano_science.py                          # all packs, arms, seeds; hours on a CPU
     .venv/bin/python benchmarks/nano_science.py --seeds 0 --packs star    # one pack, one seed
