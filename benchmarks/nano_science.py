@@ -509,7 +509,7 @@ def render_markdown(results: dict) -> str:
         "",
         f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}. Evaluation: "
-        f"{config['eval_images']} image(s) per prompt on the same noise for every model; retention on "
+        f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "
         f"{config['reference_images']} world renders.",

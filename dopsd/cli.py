@@ -301,9 +301,7 @@ def nano_report(
         "data/nano/world/base_prompts.jsonl"
     ),
     out: Annotated[Path, typer.Option(help="Markdown report (a .json beside it).")] = Path("reports/nano_base.md"),
-    seeds: Annotated[
-        str, typer.Option(help="Seeds per prompt (each seed is one noise shared by every prompt: use several).")
-    ] = "0-7",
+    seeds: Annotated[str, typer.Option(help="Seeds per prompt (each prompt and seed has its own noise).")] = "0-7",
 ) -> None:
     """Measure the nano base: GenEval-nano distilled@4 vs undistilled@4/@32, and the teacher premise per pack."""
     import sys

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from dopsd.models.base import Context, FewStepModel
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """The generator seed of the `index`-th prompt at sampling seed `seed`: a hash, so nearby (seed, index) pairs
+    give unrelated noise."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
 @torch.no_grad()
@@ -44,10 +51,12 @@ def sample_images(
     batch: int = 64,
     guidance: float = 0.0,
 ) -> list[Image.Image]:
-    """One image per (context, seed), context-major; each seed's noise is what the pipeline draws for it, so the
-    same (prompt, seed) gives the same start whatever the batch or the adapter."""
+    """One image per (context, seed), context-major. The i-th context at seed s starts from the noise of
+    `noise_seed(s, i)`: the same start whatever the batch or the adapter (so models are compared on paired
+    noise), and a different start for every prompt (one noise shared by all prompts of a seed made a whole
+    prompt set's score hinge on a few noise draws)."""
     sigmas = model.schedule(steps, resolution, resolution)
-    jobs = [(c, s) for c in contexts for s in seeds]
+    jobs = [(c, noise_seed(s, i)) for i, c in enumerate(contexts) for s in seeds]
     images: list[Image.Image] = []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
