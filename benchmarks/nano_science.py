@@ -16,7 +16,8 @@ accuracy tracked after every round, and the teacher premise under every adapter:
 draw each concept from its reference? Spreads are across training seeds.
 
 Everything lands in a work folder and is reused when present: a crashed run resumes where it stopped (a round from
-its last checkpoint). A work folder belongs to the base it was started on (`base.json`): another base needs another.
+its last checkpoint). A work folder belongs to the base and the sampling noise it was started with (`base.json`):
+another base, or another noise scheme, needs another.
 The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
 
     .venv/bin/python benchmarks/nano_science.py                          # all packs, arms, seeds; hours on a CPU
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from dopsd.adapters import use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
@@ -49,6 +51,7 @@ from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACKS, write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
+from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import LORA_WEIGHTS, train
 from evaluation.nano.premise import teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
@@ -170,10 +173,10 @@ def check(config: ScienceConfig) -> None:
         problems.append(f"{config.model} holds no pipeline (build it with `dopsd nano bootstrap --export-to`)")
     else:
         recorded = Path(config.workdir) / BASE_RECORD
-        if recorded.is_file() and json.loads(recorded.read_text())["transformer"] != base_digest(config.model):
+        if recorded.is_file() and json.loads(recorded.read_text()) != base_record(config.model):
             problems.append(
-                f"{config.workdir} holds rounds and scores of another base than {config.model} (see {recorded}): "
-                "give a new --workdir, or remove that one"
+                f"{config.workdir} holds rounds and scores of another base than {config.model}, or sampled with "
+                f"other noise than {NOISE_SCHEME} (see {recorded}): give a new --workdir, or remove that one"
             )
     if config.deployed_steps not in config.numbers("eval_steps"):
         problems.append(f"deployed_steps {config.deployed_steps} is not among eval_steps {config.eval_steps}")
@@ -181,9 +184,10 @@ def check(config: ScienceConfig) -> None:
         raise SystemExit("nano_science: " + "; ".join(problems))
 
 
-def base_digest(model: str) -> str:
-    """The base transformer's weights digest: the rounds and scores of a work folder hold for this base only."""
-    return file_digest(Path(model) / "transformer" / "diffusion_pytorch_model.safetensors")
+def base_record(model: str) -> dict:
+    """What a work folder's rounds and scores hold for: this base's transformer weights, sampled this way."""
+    digest = file_digest(Path(model) / "transformer" / SAFETENSORS_WEIGHTS_NAME)
+    return {"model": model, "transformer": digest, "noise": NOISE_SCHEME}
 
 
 def split_arm(arm: str) -> tuple[str, str]:
@@ -616,7 +620,7 @@ def keep_grids(grids: dict[str, Path], folder: Path, prefix: str, report_dir: Pa
 def run(config: ScienceConfig, command: str, log=print) -> dict:
     check(config)
     start = time.time()
-    base = {"model": config.model, "transformer": base_digest(config.model)}
+    base = base_record(config.model)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     (Path(config.workdir) / BASE_RECORD).write_text(json.dumps(base, indent=1))
     out = Path(config.out)

@@ -10,6 +10,9 @@ from PIL import Image
 
 from dopsd.models.base import Context, FewStepModel
 
+NOISE_SCHEME = "noise_seed(seed, prompt index)"
+"""How `sample_images` draws each start: scores sampled under another scheme are not paired with these."""
+
 
 def noise_seed(seed: int, index: int) -> int:
     """The generator seed of the `index`-th prompt at sampling seed `seed`: a hash, so nearby (seed, index) pairs

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from dopsd.sampling import NOISE_SCHEME
+
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
 
 
@@ -123,7 +125,8 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert len(premise_after) == len(premise_before) + 2 * 2  # two arms x two seeds after the teal round
 
     # The work folder's rounds and scores belong to its base: another base is refused before anything runs.
-    assert results["base"]["transformer"] == json.loads((work / "base.json").read_text())["transformer"]
+    assert results["base"] == json.loads((work / "base.json").read_text())
+    assert results["base"]["noise"] == NOISE_SCHEME
     assert f"Base: `{tiny_nano_bootstrap.model_dir}` (transformer sha256 " in text
     other = tmp_path / "other-base"
     shutil.copytree(tiny_nano_bootstrap.model_dir, other)
@@ -133,3 +136,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     save_file(state | {first: state[first] + 1}, str(weights))
     refused = science(*options, f"--model={other}", check=False)
     assert refused.returncode != 0 and f"{work} holds rounds and scores of another base than {other}" in refused.stderr
+    # ... and to its sampling noise: scores drawn from other noise are not paired with new ones
+    (work / "base.json").write_text(json.dumps(results["base"] | {"noise": "one noise per seed"}))
+    refused = science(*options, check=False)
+    assert refused.returncode != 0 and f"or sampled with other noise than {NOISE_SCHEME}" in refused.stderr
