@@ -144,8 +144,9 @@ class ScienceConfig:
         return [int(v) for v in self.names(field)]
 
 
-def check(config: ScienceConfig) -> None:
-    """Every input problem, named before hours of training start."""
+def check(config: ScienceConfig) -> dict:
+    """Every input problem, named before hours of training start; returns the base record the work folder
+    belongs to (`base_record`)."""
     problems = [
         f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
         for a, _ in map(split_arm, config.names("arms") + config.names("continual_arms"))
@@ -169,11 +170,13 @@ def check(config: ScienceConfig) -> None:
     problems += [
         f"{world / 'packs' / p} is not a folder" for p in config.names("packs") if not (world / "packs" / p).is_dir()
     ]
+    base: dict = {}
     if not (Path(config.model) / "model_index.json").is_file():
         problems.append(f"{config.model} holds no pipeline (build it with `dopsd nano bootstrap --export-to`)")
     else:
+        base = base_record(config.model)
         recorded = Path(config.workdir) / BASE_RECORD
-        if recorded.is_file() and json.loads(recorded.read_text()) != base_record(config.model):
+        if recorded.is_file() and json.loads(recorded.read_text()) != base:
             problems.append(
                 f"{config.workdir} holds rounds and scores of another base than {config.model}, or sampled with "
                 f"other noise than {NOISE_SCHEME} (see {recorded}): give a new --workdir, or remove that one"
@@ -182,6 +185,7 @@ def check(config: ScienceConfig) -> None:
         problems.append(f"deployed_steps {config.deployed_steps} is not among eval_steps {config.eval_steps}")
     if problems:
         raise SystemExit("nano_science: " + "; ".join(problems))
+    return base
 
 
 def base_record(model: str) -> dict:
@@ -618,9 +622,8 @@ def keep_grids(grids: dict[str, Path], folder: Path, prefix: str, report_dir: Pa
 
 
 def run(config: ScienceConfig, command: str, log=print) -> dict:
-    check(config)
+    base = check(config)
     start = time.time()
-    base = base_record(config.model)
     Path(config.workdir).mkdir(parents=True, exist_ok=True)
     (Path(config.workdir) / BASE_RECORD).write_text(json.dumps(base, indent=1))
     out = Path(config.out)
