@@ -105,6 +105,10 @@ class TrainConfig:
     loss_max_sigma: float = 1.0
     """Roll-out states above this sigma are visited but get no loss: there the teacher, seeing the image, lays the
     scene out anew rather than following the student's noise, and the student can only average its layouts."""
+    teacher_guidance: float = 0.0
+    """Reference guidance of the teacher: v + w * (v - v_caption), its velocity pushed away from its own
+    caption-only prediction, so what only the image conveys (the unnamed concept) weighs w + 1 times. One more
+    teacher forward per trained state; 0 is the paper's teacher."""
     backward_per_step: bool = True
     """Backward after each roll-out step (frees its graph; same gradient as one summed backward)."""
     checkpoint_every: int = 250

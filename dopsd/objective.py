@@ -63,15 +63,25 @@ def teacher_velocity(
     state: torch.Tensor,
     sigma: torch.Tensor,
     contexts: Sequence[Context],
+    caption_contexts: Sequence[Context],
     teachers: Sequence[TeacherKind],
+    guidance: float = 0.0,
 ) -> torch.Tensor:
-    """The teachers' velocities at the student's states: one forward per teacher kind, over its own samples."""
+    """The teachers' velocities at the student's states: one forward per teacher kind, over its own samples.
+
+    With a `guidance` w (reference guidance), each teacher also predicts from `caption_contexts` (the caption
+    alone) and moves away from that: v + w * (v - v_caption). What the image adds to the caption, the
+    concept no word names, is amplified; where the image adds nothing the two agree and nothing changes."""
     transformer = model.pipeline.transformer
     velocity = torch.empty_like(state)
     for kind in dict.fromkeys(teachers):
         rows = [i for i, k in enumerate(teachers) if k == kind]
         with use_adapter(transformer, TEACHER_ADAPTER[kind]):
-            velocity[rows] = model.velocity(state[rows], sigma[rows], [contexts[i] for i in rows])
+            v = model.velocity(state[rows], sigma[rows], [contexts[i] for i in rows])
+            if guidance:
+                v_caption = model.velocity(state[rows], sigma[rows], [caption_contexts[i] for i in rows])
+                v = v + guidance * (v - v_caption)
+        velocity[rows] = v
     return velocity
 
 
@@ -86,12 +96,15 @@ def dopsd_loss(
     teacher: TeacherKind | Sequence[TeacherKind] = "ema",
     grad_steps: int = 0,
     loss_max_sigma: float = 1.0,
+    teacher_guidance: float = 0.0,
     generator: torch.Generator | None = None,
     backward: Callable[[torch.Tensor, bool], None] | None = None,
 ) -> DopsdOutput:
     """On-policy self-distillation: roll the student out from `noise` along `sigmas` (ending at 0), and at every
     state it visits pull its prediction toward the teacher's (same network, teacher adapter, image context).
     `teacher` is one kind for the whole batch or one per sample (say, the previous adapter for replayed samples).
+    `teacher_guidance` > 0 applies reference guidance to the teacher (`teacher_velocity`), the student's own
+    contexts serving as the caption alone.
 
     States are detached (no backprop through time). `backward(loss_term, is_last)` if given is called on each
     trained step's share of the mean, so callers can free graphs early and sync gradients once.
@@ -112,7 +125,9 @@ def dopsd_loss(
         train_here = k in trained
         if train_here:
             # Teacher first: its forward then never coexists with the student's stored activations.
-            v_teacher = teacher_velocity(model, state, sigma, teacher_contexts, teachers)
+            v_teacher = teacher_velocity(
+                model, state, sigma, teacher_contexts, student_contexts, teachers, teacher_guidance
+            )
         # The backward runs under the student adapter too: gradient checkpointing recomputes with it.
         with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here):
             v_student = model.velocity(state, sigma, student_contexts)

@@ -27,20 +27,23 @@ def euler_sample(
     sigmas: torch.Tensor,
     contexts: Sequence[Context],
     guidance: float = 0.0,
+    negative_contexts: Sequence[Context] | None = None,
 ) -> torch.Tensor:
     """Integrate from `noise` at sigmas[0] to sigmas[-1] (usually 0) with one velocity call per step.
 
-    With `guidance` > 0 (classifier-free guidance, for undistilled models; a few-step model has it distilled in),
-    each step also asks for the empty prompt's velocity and moves away from it: v + guidance * (v - v_empty),
-    ZImagePipeline's convention (its guidance_scale)."""
+    With `guidance` > 0 each step also asks for the velocity of `negative_contexts` and moves away from it:
+    v + guidance * (v - v_negative), ZImagePipeline's convention (its guidance_scale). By default the negative is
+    the empty prompt (classifier-free guidance, for undistilled models; a few-step model has it distilled in);
+    the caption alone, against a context that adds an image, is reference guidance."""
     x = noise.float()
-    empty = model.encode_student([""]) * len(contexts) if guidance > 0 else None
+    if guidance > 0 and negative_contexts is None:
+        negative_contexts = model.encode_student([""]) * len(contexts)
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         t = torch.full((x.shape[0],), sigma, device=x.device)
         v = model.velocity(x, t, contexts)
-        if empty is not None:
-            v_empty = model.velocity(x, t, empty)
-            v = v + guidance * (v - v_empty)
+        if guidance > 0 and negative_contexts is not None:
+            v_negative = model.velocity(x, t, negative_contexts)
+            v = v + guidance * (v - v_negative)
         x = x + (sigma_next - sigma) * v
     return x
 
@@ -53,18 +56,22 @@ def sample_images(
     resolution: int,
     batch: int = 64,
     guidance: float = 0.0,
+    negative_contexts: Sequence[Context] | None = None,
 ) -> list[Image.Image]:
-    """One image per (context, seed), context-major. The i-th context at seed s starts from the noise of
-    `noise_seed(s, i)`: the same start whatever the batch or the adapter (so models are compared on paired
-    noise), and a different start for every prompt (one noise shared by all prompts of a seed made a whole
-    prompt set's score hinge on a few noise draws)."""
+    """One image per (context, seed), context-major; `negative_contexts` (one per context) as in `euler_sample`.
+    The i-th context at seed s starts from the noise of `noise_seed(s, i)`: the same start whatever the batch or
+    the adapter (so models are compared on paired noise), and a different start for every prompt (one noise shared
+    by all prompts of a seed made a whole prompt set's score hinge on a few noise draws)."""
     sigmas = model.schedule(steps, resolution, resolution)
-    jobs = [(c, noise_seed(s, i)) for i, c in enumerate(contexts) for s in seeds]
+    if negative_contexts is not None and len(negative_contexts) != len(contexts):
+        raise ValueError(f"{len(negative_contexts)} negative contexts for {len(contexts)} contexts")
+    jobs = [(i, noise_seed(s, i)) for i in range(len(contexts)) for s in seeds]
     images: list[Image.Image] = []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         noise = torch.cat([model.noise(1, resolution, resolution, torch.Generator().manual_seed(s)) for _, s in chunk])
-        latents = euler_sample(model, noise, sigmas, [c for c, _ in chunk], guidance)
+        negatives = None if negative_contexts is None else [negative_contexts[i] for i, _ in chunk]
+        latents = euler_sample(model, noise, sigmas, [contexts[i] for i, _ in chunk], guidance, negatives)
         images.extend(model.to_images(latents))
     return images
 

@@ -359,6 +359,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                         teacher=teachers,
                         grad_steps=config.grad_steps,
                         loss_max_sigma=config.loss_max_sigma,
+                        teacher_guidance=config.teacher_guidance,
                         generator=generators["noise"],
                         backward=functools.partial(backward_share, final_micro=last_micro)
                         if config.backward_per_step

@@ -78,3 +78,16 @@ def test_every_prompt_of_a_seed_starts_from_its_own_noise(tiny_zimage_path):
     assert all(np.array_equal(a, b) for a, b in zip(together, one_by_one, strict=True))  # batching changes nothing
     # context-major: images 0, 2, 4 are the same prompt at seed 0, in three positions of the prompt list
     assert not np.array_equal(together[0], together[2]) and not np.array_equal(together[2], together[4])
+
+
+def test_guidance_moves_away_from_the_given_negative(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    contexts = model.encode_student(["a photo of a circle", "a photo of a red square"])
+    plain = [np.asarray(im) for im in sample_images(model, contexts, [0], 2, 32)]
+    # guided away from itself a context stays where it was; away from the empty prompt (the default) it moves
+    itself = sample_images(model, contexts, [0], 2, 32, guidance=3.0, negative_contexts=contexts)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(plain, itself, strict=True))
+    away = sample_images(model, contexts, [0], 2, 32, guidance=3.0)
+    assert not np.array_equal(plain[0], np.asarray(away[0]))
+    with pytest.raises(ValueError, match="1 negative contexts for 2 contexts"):
+        sample_images(model, contexts, [0], 2, 32, guidance=3.0, negative_contexts=contexts[:1])

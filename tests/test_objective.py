@@ -6,7 +6,7 @@ from PIL import Image
 
 from dopsd import adapters
 from dopsd.models import ZImageModel, load_model
-from dopsd.objective import dopsd_loss, rollout_steps_to_train, sft_loss
+from dopsd.objective import dopsd_loss, rollout_steps_to_train, sft_loss, teacher_velocity
 
 SIGMAS = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
 PROMPTS = ["a red circle", "two blue squares"]
@@ -103,6 +103,25 @@ def test_teacher_kinds_use_the_named_weights(model):
     # after an EMA update with decay 0 the teacher equals the student
     adapters.ema_update(adapters.adapter_pairs(transformer), 0.0)
     assert dopsd_loss(model, student, student, noise(model), SIGMAS, teacher="ema").loss.item() == 0.0
+
+
+def test_reference_guidance_amplifies_what_the_image_adds(model):
+    perturb_student(model)
+    adapters.ema_update(adapters.adapter_pairs(model.pipeline.transformer), 0.5)  # teacher != student, != base
+    student, teacher = model.encode_student(PROMPTS), model.encode_teacher(PROMPTS, images(2))
+    state, sigma = noise(model), torch.full((2,), 0.75)
+    with adapters.use_adapter(model.pipeline.transformer, adapters.TEACHER), torch.no_grad():
+        v_image, v_caption = model.velocity(state, sigma, teacher), model.velocity(state, sigma, student)
+    assert not torch.allclose(v_image, v_caption)
+    guided = teacher_velocity(model, state, sigma, teacher, student, ["ema", "ema"], guidance=2.0)
+    torch.testing.assert_close(guided, v_image + 2.0 * (v_image - v_caption))
+    torch.testing.assert_close(teacher_velocity(model, state, sigma, teacher, student, ["ema", "ema"]), v_image)
+    # Without an image nothing is amplified: a teacher equal to the student still has nothing to teach.
+    adapters.ema_update(adapters.adapter_pairs(model.pipeline.transformer), 0.0)
+    assert dopsd_loss(model, student, student, noise(model), SIGMAS, teacher_guidance=2.0).loss.item() == 0.0
+    plain = dopsd_loss(model, student, teacher, noise(model), SIGMAS).step_losses
+    amplified = dopsd_loss(model, student, teacher, noise(model), SIGMAS, teacher_guidance=2.0).step_losses
+    assert amplified[0] == pytest.approx(9 * plain[0], rel=1e-3)  # the first state is shared: (w + 1)^2 the MSE
 
 
 def test_each_sample_can_have_its_own_teacher(tiny_zimage_path):

@@ -82,16 +82,29 @@ def teacher_premise(
     seed: int = 0,
     guidance: float = 0.0,
     grid: str | Path | None = None,
+    reference_guidance: float = 0.0,
 ) -> PremiseResult:
     """`grid`: where to write the samples as a PNG, one row per prompt: the reference, the teacher's sample for each
-    seed, then the student's."""
+    seed, then the student's. `reference_guidance`: the teacher as a D-OPSD round with that `teacher_guidance`
+    sees it, guided away from the caption alone (not combined with `guidance`, which guides away from the empty
+    prompt)."""
+    if guidance > 0 and reference_guidance > 0:
+        raise ValueError("choose classifier-free guidance or reference guidance, not both")
     items = pack_items(pack, prompts)
     rng = np.random.default_rng(seed)
     references = [render(relayout(item.scene, rng)) for item in items]
     captions = [item.caption for item in items]
     records = [item.metadata for item in items for _ in seeds]
     teacher_contexts, student_contexts = model.encode_teacher(captions, references), model.encode_student(captions)
-    teacher_images = sample_images(model, teacher_contexts, seeds, steps, resolution, guidance=guidance)
+    teacher_images = sample_images(
+        model,
+        teacher_contexts,
+        seeds,
+        steps,
+        resolution,
+        guidance=reference_guidance or guidance,
+        negative_contexts=student_contexts if reference_guidance > 0 else None,
+    )
     student_images = sample_images(model, student_contexts, seeds, steps, resolution, guidance=guidance)
     teacher_detections, student_detections = detector.detect(teacher_images), detector.detect(student_images)
     teacher_score, _ = score_detections(teacher_images, teacher_detections, records)
