@@ -251,7 +251,7 @@ def run_round(train_config: TrainConfig) -> tuple[str, float]:
     output = Path(train_config.output)
     record = output / "round.json"
     done = json.loads(record.read_text()) if record.is_file() else None
-    if done is not None and done["config"] == dataclasses.asdict(train_config):
+    if done is not None and not train_config.changes_since(done["config"]):
         return done["adapter"], done["seconds"]
     if done is not None:
         shutil.rmtree(output)  # a finished round of another recipe (say another --continual-lr): train this one anew

@@ -143,6 +143,17 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+    def changes_since(self, earlier: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
+        """`field old -> new` for each field (outside `ignore`) that differs from `earlier`, a config saved as JSON.
+        A field `earlier` lacks was added to TrainConfig since, with a default that keeps the old behaviour: it
+        counts as that default, so a round saved before the field existed still resumes (or is reused)."""
+        now, defaults = json.loads(self.to_json()), json.loads(TrainConfig().to_json())
+        return [
+            f"{name} {earlier.get(name, defaults[name])!r} -> {value!r}"
+            for name, value in now.items()
+            if name not in ignore and earlier.get(name, defaults[name]) != value
+        ]
+
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:

@@ -199,12 +199,7 @@ def check_resumable(output: Path, config: TrainConfig) -> None:
     saved = output / ROUND_CONFIG
     if not checkpoint_dirs(output) or not saved.is_file():
         return
-    earlier, now = json.loads(saved.read_text()), json.loads(config.to_json())
-    changed = [
-        f"{k} {earlier.get(k)!r} -> {v!r}"
-        for k, v in now.items()
-        if k not in RUN_CONTROL_FIELDS and earlier.get(k) != v
-    ]
+    changed = config.changes_since(json.loads(saved.read_text()), ignore=RUN_CONTROL_FIELDS)
     if changed:
         raise ValueError(
             f"{output} holds checkpoints of a round with another config ({'; '.join(changed)}): run it unchanged to "

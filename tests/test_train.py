@@ -3,6 +3,7 @@ start from an earlier adapter and replay a second dataset, and the real program 
 processes)."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,16 @@ def test_resume_matches_an_uninterrupted_round(tmp_path, tiny_zimage_path, datas
     # Another recipe does not resume from these checkpoints: it would mix two runs under the second's name.
     with pytest.raises(ValueError, match=r"another config \(lr 0\.001 -> 0\.002\)"):
         train(tiny_config(tiny_zimage_path, dataset, half, steps=6, checkpoint_every=3, lr=2e-3, **replay))
+
+
+def test_a_field_added_since_a_round_was_saved_counts_as_its_default():
+    config = TrainConfig(model="m", lr=1e-3)
+    saved = json.loads(config.to_json())
+    del saved["teacher_guidance"]  # a round saved before the field existed
+    assert config.changes_since(saved) == []
+    guided = dataclasses.replace(config, teacher_guidance=1.0)
+    assert guided.changes_since(saved) == ["teacher_guidance 0.0 -> 1.0"]
+    assert dataclasses.replace(config, lr=2e-3).changes_since(saved, ignore=frozenset({"lr"})) == []
 
 
 def test_sft_round_and_grad_steps_run(tmp_path, tiny_zimage_path, dataset):
