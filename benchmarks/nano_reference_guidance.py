@@ -45,6 +45,8 @@ class ReferenceGuidanceConfig:
     """Prompts per concept pack."""
     steps: int = 4
     """Sampling steps (the deployed setting)."""
+    grid_packs: str = "star"
+    """Comma-separated packs whose sample grids are written, one per weight (about 1 MB each)."""
     threads: int = 2
     """Torch CPU threads."""
     out: str = "reports/nano_reference_guidance.md"
@@ -56,6 +58,7 @@ def main(config: ReferenceGuidanceConfig, command: str) -> list[dict]:
     model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
     detector = NanoDetector.load()
     seeds = parse_seeds(config.seeds)
+    grid_packs = comma_separated(config.grid_packs)
     out = Path(config.out)
     grids = out.with_suffix("")
     grids.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,7 @@ def main(config: ReferenceGuidanceConfig, command: str) -> list[dict]:
                 config.steps,
                 config.prompts,
                 NANO_RESOLUTION,
-                grid=grids / f"{pack.name}_w{weight:g}.png",
+                grid=grids / f"{pack.name}_w{weight:g}.png" if pack.name in grid_packs else None,
                 reference_guidance=weight,
             )
             rows.append({"weight": weight, **dataclasses.asdict(result)})
@@ -98,7 +101,11 @@ def main(config: ReferenceGuidanceConfig, command: str) -> list[dict]:
         f"{r['student_concept']:.3f} | {r['layout_spread']:.1f} | {r['copies']:.3f} |"
         for r in rows
     ]
-    links = ", ".join(f"[{r['pack']}, w {r['weight']:g}]({grids.name}/{r['pack']}_w{r['weight']:g}.png)" for r in rows)
+    links = ", ".join(
+        f"[{r['pack']}, w {r['weight']:g}]({grids.name}/{r['pack']}_w{r['weight']:g}.png)"
+        for r in rows
+        if r["pack"] in grid_packs
+    )
     lines += ["", f"Samples (rows: prompts; columns: reference, teacher per seed, student per seed): {links}"]
     out.write_text("\n".join(lines) + "\n")
     return rows

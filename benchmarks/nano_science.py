@@ -7,6 +7,7 @@ preset's steps, lr and LoRA rank; optional replay of base-world renders):
 - `dopsd`: D-OPSD with the EMA teacher (the method);
 - `dopsd-base-teacher`: the frozen base as teacher (ablation);
 - `dopsd-grad1`: gradient through one random roll-out state per step instead of all four (ablation).
+- `dopsd-reference-guided`: the teacher with reference guidance w = 1 (`teacher_guidance`; variant).
 Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts and noise (the evaluation
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
 base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
@@ -64,6 +65,7 @@ ARMS: dict[str, dict] = {
     "dopsd": {"method": "dopsd", "teacher": "ema"},
     "dopsd-base-teacher": {"method": "dopsd", "teacher": "base"},
     "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
+    "dopsd-reference-guided": {"method": "dopsd", "teacher_guidance": 1.0},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
