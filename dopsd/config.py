@@ -128,6 +128,13 @@ class TrainConfig:
     text_encoder_layers: str = ""
     """FLUX.2-klein only: comma-separated hidden-state layers stacked into the context (empty: 9,18,27)."""
 
+    def __post_init__(self) -> None:
+        for name in ("teacher_guidance", "guidance"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"config field {name!r}: must be >= 0 (0 turns guidance off), got {getattr(self, name)}"
+                )
+
     def sigmas_list(self) -> list[float]:
         values = [float(s) for s in self.rollout_sigmas.split(",") if s.strip()]
         if not values or values[0] > 1 or any(b >= a for a, b in zip(values, values[1:], strict=False)):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dopsd.adapters import PREVIOUS, STUDENT, TEACHER, use_adapter
 from dopsd.models.base import Context, FewStepModel
+from dopsd.sampling import guided_velocity
 
 TeacherKind = Literal["ema", "base", "live", "previous"]
 Target = Literal["x0", "velocity"]
@@ -69,18 +70,18 @@ def teacher_velocity(
 ) -> torch.Tensor:
     """The teachers' velocities at the student's states: one forward per teacher kind, over its own samples.
 
-    With a `guidance` w (reference guidance), each teacher also predicts from `caption_contexts` (the caption
-    alone) and moves away from that: v + w * (v - v_caption). What the image adds to the caption, the
-    concept no word names, is amplified; where the image adds nothing the two agree and nothing changes."""
+    With a `guidance` w > 0 (reference guidance), each teacher also predicts from `caption_contexts` (the caption
+    alone) and moves away from it (`guided_velocity`): v + w * (v - v_caption). What the image adds to the caption,
+    the concept no word names, is amplified; where the image adds nothing the two agree and nothing changes."""
     transformer = model.pipeline.transformer
     velocity = torch.empty_like(state)
     for kind in dict.fromkeys(teachers):
         rows = [i for i, k in enumerate(teachers) if k == kind]
         with use_adapter(transformer, TEACHER_ADAPTER[kind]):
             v = model.velocity(state[rows], sigma[rows], [contexts[i] for i in rows])
-            if guidance:
+            if guidance > 0:
                 v_caption = model.velocity(state[rows], sigma[rows], [caption_contexts[i] for i in rows])
-                v = v + guidance * (v - v_caption)
+                v = guided_velocity(v, v_caption, guidance)
         velocity[rows] = v
     return velocity
 

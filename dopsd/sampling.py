@@ -20,6 +20,13 @@ def noise_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
+def guided_velocity(v: torch.Tensor, v_negative: torch.Tensor, guidance: float) -> torch.Tensor:
+    """`v` pushed away from `v_negative`: v + guidance * (v - v_negative), ZImagePipeline's convention (its
+    guidance_scale). Against the empty prompt it is classifier-free guidance; against the caption alone, for a
+    context that adds an image to it, reference guidance."""
+    return v + guidance * (v - v_negative)
+
+
 @torch.no_grad()
 def euler_sample(
     model: FewStepModel,
@@ -31,19 +38,18 @@ def euler_sample(
 ) -> torch.Tensor:
     """Integrate from `noise` at sigmas[0] to sigmas[-1] (usually 0) with one velocity call per step.
 
-    With `guidance` > 0 each step also asks for the velocity of `negative_contexts` and moves away from it:
-    v + guidance * (v - v_negative), ZImagePipeline's convention (its guidance_scale). By default the negative is
-    the empty prompt (classifier-free guidance, for undistilled models; a few-step model has it distilled in);
-    the caption alone, against a context that adds an image, is reference guidance."""
+    With `guidance` > 0 each step also asks for the velocity of `negative_contexts` and moves away from it
+    (`guided_velocity`). By default the negative is the empty prompt (classifier-free guidance, for undistilled
+    models; a few-step model has it distilled in)."""
     x = noise.float()
-    if guidance > 0 and negative_contexts is None:
-        negative_contexts = model.encode_student([""]) * len(contexts)
+    negatives = None
+    if guidance > 0:
+        negatives = model.encode_student([""]) * len(contexts) if negative_contexts is None else negative_contexts
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         t = torch.full((x.shape[0],), sigma, device=x.device)
         v = model.velocity(x, t, contexts)
-        if guidance > 0 and negative_contexts is not None:
-            v_negative = model.velocity(x, t, negative_contexts)
-            v = v + guidance * (v - v_negative)
+        if negatives is not None:
+            v = guided_velocity(v, model.velocity(x, t, negatives), guidance)
         x = x + (sigma_next - sigma) * v
     return x
 

@@ -264,6 +264,8 @@ def test_config_rejects_bad_values():
         make_config(method="ppo")
     with pytest.raises(ValueError, match="preset 'nope' not found"):
         make_config("nope")
+    with pytest.raises(ValueError, match="'teacher_guidance': must be >= 0"):
+        make_config(teacher_guidance=-1.0)
     assert TrainConfig().sigmas_list() == [1.0, 0.9, 0.75, 0.5, 0.0]
     assert make_config("nano").resolution == 64  # every preset parses into the typed config
     for name in ("zimage-turbo", "flux2-klein-4b", "flux2-klein-9b", "tiny"):
