@@ -118,7 +118,6 @@ def demo(
     """Teach the nano base a concept pack with a D-OPSD round, then score base and adapter at 4 steps: the new
     concept's accuracy, retention of held-out base prompts, side-by-side grids."""
     from dopsd.config import parse_overrides
-    from dopsd.demo import run_nano_demo
 
     try:
         overrides = parse_overrides(set_ or [])
@@ -130,6 +129,8 @@ def demo(
             "--export-to` writes",
             param_hint="--model",
         )
+    from dopsd.demo import run_nano_demo  # torch and diffusers: seconds, so only once the options are known good
+
     for line in run_nano_demo(workdir, model, world, pack, steps, overrides=overrides):
         typer.echo(line)
 
@@ -328,6 +329,7 @@ def nano_probe(
         float | None,
         typer.Option(help="Classifier-free guidance (default: the bootstrap's when pretraining, none when distilled)."),
     ] = None,
+    premise_prompts: Annotated[int, typer.Option(help="Prompts per concept pack for the teacher premise.")] = 12,
 ) -> None:
     """Score the newest checkpoint of a running bootstrap (GenEval-nano at 32 and 4 steps, teacher premise per
     pack); the result is appended to the work folder's probes.jsonl."""
@@ -336,7 +338,9 @@ def nano_probe(
     from evaluation.nano.detector import NanoDetector
 
     seed_list = parse_seeds(seeds)
-    result = probe_checkpoint(workdir, stage, prompts, NanoDetector.load(), seed_list, limit, guidance=guidance)
+    result = probe_checkpoint(
+        workdir, stage, prompts, NanoDetector.load(), seed_list, limit, premise_prompts, guidance=guidance
+    )
     for line in probe_lines(result, len(seed_list)):
         typer.echo(line)
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import ZImagePipeline
 from PIL import Image
@@ -112,10 +113,13 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
 
     from dopsd.nano.scenes import prompt_set, write_jsonl
     from dopsd.nano.world import Vocabulary
+    from evaluation.nano.base_report import probe_checkpoint
+    from evaluation.nano.detector import NanoDetector
 
     prompts = write_jsonl(prompt_set(Vocabulary(), per_task=2, seed=0), tmp_path / "prompts.jsonl")
     dopsd = Path(sys.executable).parent / "dopsd"
     command = [str(dopsd), "nano", "probe", "--workdir", tiny_nano_bootstrap.workdir, "--prompts", str(prompts)]
+    command += ["--premise-prompts", "2"]
     shown = subprocess.run([*command, "--limit", "1", "--seeds", "0"], capture_output=True, text=True, check=True)
     assert "pretrain step 2 (6 prompts x 1 seeds, guidance 3.0)" in shown.stdout and "GenEval-nano @32:" in shown.stdout
     subprocess.run([*command, "--stage", "distill", "--limit", "2"], capture_output=True, check=True)
@@ -129,15 +133,15 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     ]
     assert all(0 <= p["geneval_nano@4"]["overall"] <= 1 for p in probes)
     assert [r["pack"] for r in probes[1]["premise"]] == ["star", "teal", "striped"]
-    assert probes[1]["premise"][0]["samples"] == 12 * 2
+    assert probes[1]["premise"][0]["samples"] == 2 * 2
     grids = Path(tiny_nano_bootstrap.workdir) / "probes"
-    assert Image.open(grids / "pretrain_2_star.png").size == (3 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
-    assert Image.open(grids / "distill_2_teal.png").size == (5 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
+    assert Image.open(grids / "pretrain_2_star.png").size == (3 * NANO_RESOLUTION, 12 + 2 * NANO_RESOLUTION)
+    assert Image.open(grids / "distill_2_teal.png").size == (5 * NANO_RESOLUTION, 12 + 2 * NANO_RESOLUTION)
     # GenEval samples: one row per prompt, a column per step count and seed
     assert Image.open(grids / "pretrain_2_geneval.png").size == (2 * NANO_RESOLUTION, 12 + 6 * NANO_RESOLUTION)
     assert Image.open(grids / "distill_2_geneval.png").size == (4 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
-    missing = subprocess.run([*command, "--stage", "vae"], capture_output=True, text=True)
-    assert missing.returncode != 0 and "no vae checkpoint" in missing.stderr + missing.stdout
+    with pytest.raises(ValueError, match="no vae checkpoint"):
+        probe_checkpoint(tiny_nano_bootstrap.workdir, "vae", prompts, NanoDetector.load())
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_zero():

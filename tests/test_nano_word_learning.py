@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from dopsd.config import parse_dataclass_args
 from dopsd.nano.world import GRID
 from evaluation.geneval.rules import RELATION_OUTCOMES
 
@@ -23,25 +26,24 @@ def test_word_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap
     hit = float(lines[-1].split("shape hit ")[1].split()[0])
     assert 0.0 <= hit <= 1.0
     assert (tmp_path / "grid" / "step_3.png").is_file()
-    position = run(
-        *common,
-        "--world=position",
-        "--init=fresh",
-        "--train-text-encoder=true",
-        "--steps=2",
-        "--every=2",
-        "--sample-steps=2",
-    )
-    assert position.returncode == 0, position.stderr
-    (line,) = [line for line in position.stdout.splitlines() if line.startswith("position step 2")]
-    shares = [float(line.split(f"{outcome} ")[1].split(",")[0]) for outcome in RELATION_OUTCOMES]
-    assert abs(sum(shares) - 1.0) < 0.02  # the outcomes split every sample
-    with_image = run(*common, "--world=position", "--image-context-prob=0.5", "--steps=1", "--sample-steps=2")
-    assert with_image.returncode == 0 and "position step 1:" in with_image.stdout, with_image.stderr
-    bad = run(*common, "--world=anywhere")
-    assert bad.returncode != 0 and "config field 'world'" in bad.stderr
-    both = run(*common, "--world=position", "--image-context-prob=0.5", "--train-text-encoder=true")
-    assert both.returncode != 0 and "go one at a time" in both.stderr
+
+    # The other worlds and options through the program's entry point, without a new interpreter's start each.
+    sys.path.insert(0, str(SCRIPT.parent))
+    from nano_word_learning import WordLearningConfig, main
+
+    def config(*options):
+        return parse_dataclass_args(WordLearningConfig, [*common, *options], "")
+
+    options = ["--world=position", "--init=fresh", "--train-text-encoder=true", "--steps=2", "--every=2"]
+    (row,) = main(config(*options, "--sample-steps=2"))
+    assert row["step"] == 2
+    assert abs(sum(row[outcome] for outcome in RELATION_OUTCOMES) - 1.0) < 1e-6  # the outcomes split every sample
+    (row,) = main(config("--world=position", "--image-context-prob=0.5", "--steps=1", "--sample-steps=2"))
+    assert row["step"] == 1
+    with pytest.raises(ValueError, match="config field 'world'"):
+        config("--world=anywhere")
+    with pytest.raises(ValueError, match="go one at a time"):
+        main(config("--world=position", "--image-context-prob=0.5", "--train-text-encoder=true"))
 
 
 def test_reduced_worlds_place_objects_as_named():
