@@ -53,6 +53,11 @@ class ReferenceGuidanceConfig:
     """Markdown report (a JSON twin is written beside it; sample grids in a folder of its name)."""
 
 
+def grid_name(pack: str, weight: float) -> str:
+    """The file, in the report's folder, of one pack's samples at one weight."""
+    return f"{pack}_w{weight:g}.png"
+
+
 def main(config: ReferenceGuidanceConfig, command: str) -> list[dict]:
     torch.set_num_threads(config.threads)
     model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
@@ -74,7 +79,7 @@ def main(config: ReferenceGuidanceConfig, command: str) -> list[dict]:
                 config.steps,
                 config.prompts,
                 NANO_RESOLUTION,
-                grid=grids / f"{pack.name}_w{weight:g}.png" if pack.name in grid_packs else None,
+                grid=grids / grid_name(pack.name, weight) if pack.name in grid_packs else None,
                 reference_guidance=weight,
             )
             rows.append({"weight": weight, **dataclasses.asdict(result)})
@@ -102,7 +107,7 @@ def main(config: ReferenceGuidanceConfig, command: str) -> list[dict]:
         for r in rows
     ]
     links = ", ".join(
-        f"[{r['pack']}, w {r['weight']:g}]({grids.name}/{r['pack']}_w{r['weight']:g}.png)"
+        f"[{r['pack']}, w {r['weight']:g}]({grids.name}/{grid_name(r['pack'], r['weight'])})"
         for r in rows
         if r["pack"] in grid_packs
     )

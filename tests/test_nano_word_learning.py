@@ -11,6 +11,7 @@ from dopsd.nano.world import GRID
 from evaluation.geneval.rules import RELATION_OUTCOMES
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_word_learning.py"
+sys.path.insert(0, str(SCRIPT.parent))  # the script's functions are imported by name below
 
 
 def run(*options):
@@ -28,7 +29,6 @@ def test_word_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap
     assert (tmp_path / "grid" / "step_3.png").is_file()
 
     # The other worlds and options through the program's entry point, without a new interpreter's start each.
-    sys.path.insert(0, str(SCRIPT.parent))
     from nano_word_learning import WordLearningConfig, main
 
     def config(*options):
@@ -48,8 +48,6 @@ def test_word_learning_diagnostic_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap
 
 def test_reduced_worlds_place_objects_as_named():
     import numpy as np
-
-    sys.path.insert(0, str(SCRIPT.parent))
     from nano_word_learning import reduced_world
 
     rng = np.random.default_rng(0)
@@ -67,8 +65,6 @@ def test_reduced_worlds_place_objects_as_named():
 
 def test_position_world_is_read_as_captioned_on_clean_renders():
     import numpy as np
-
-    sys.path.insert(0, str(SCRIPT.parent))
     from nano_word_learning import measure, measured_captions, reduced_world
 
     from dopsd.nano.world import render
