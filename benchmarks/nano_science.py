@@ -12,7 +12,8 @@ Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
 base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
 run: the packs applied one after another as rounds, each starting from the previous adapter (an arm suffixed
-`+replay` also replays the earlier packs; `+lwf` replays them taught by the previous adapter), with every pack's
+`+replay` also replays the earlier packs; `+lwf` replays them taught by the previous adapter; `+compose` instead
+learns each pack from the base and deploys the sum of the adapters so far), with every pack's
 accuracy tracked after every round, and the teacher premise under every adapter: can the next round's teacher still
 draw each concept from its reference? Spreads are across training seeds.
 
@@ -29,6 +30,7 @@ The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import shlex
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-from dopsd.adapters import use_adapter
+from dopsd.adapters import LORA_WEIGHTS, compose_adapters, use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
@@ -53,7 +55,7 @@ from dopsd.nano.packs import PACKS, write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
-from dopsd.train import LORA_WEIGHTS, train
+from dopsd.train import train
 from evaluation.nano.premise import teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
@@ -73,6 +75,9 @@ REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "p
 The suffix says who teaches what a round replays (those packs, and the base-world renders of `replay_ratio`):
 `+replay` the round's teacher, seeing each image, as for the new pack; `+lwf` the weights the round starts from
 (the previous adapter, or the base in a first round), from the caption alone (learning without forgetting)."""
+COMPOSE_SUFFIX = "+compose"
+"""A continual arm `<arm>+compose` chains no rounds: each pack is learnt from the base (the pack study's round of
+<arm>), and the model deployed after a pack is the sum of every adapter so far (`dopsd.adapters.compose_adapters`)."""
 
 METRICS = {
     "concept": "concept/geneval/overall",
@@ -120,8 +125,8 @@ class ScienceConfig:
     reference_images: int = 512
     """World renders that FID-nano compares the base prompts' samples against."""
     continual_arms: str = "sft,dopsd,dopsd-base-teacher"
-    """Comma-separated arms of the continual run, each optionally suffixed `+replay` or `+lwf` (empty: no continual
-    run)."""
+    """Comma-separated arms of the continual run, each optionally suffixed `+replay`, `+lwf` or `+compose` (empty: no
+    continual run)."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data (pooled with the
     world renders when replay_ratio is set, the two shares added)."""
@@ -153,6 +158,11 @@ def check(config: ScienceConfig) -> dict:
         f"unknown arm {a!r} (arms: {', '.join(ARMS)})"
         for a, _ in map(split_arm, config.names("arms") + config.names("continual_arms"))
         if a not in ARMS
+    ]
+    problems += [
+        f"arm {a!r}: {COMPOSE_SUFFIX} composes the rounds of the continual run, not of one pack (--continual-arms)"
+        for a in config.names("arms")
+        if split_arm(a)[1] == COMPOSE_SUFFIX
     ]
     problems += [
         f"arm {a!r} distils replayed base-world renders, but --replay-ratio is 0"
@@ -197,8 +207,8 @@ def base_record(model: str) -> dict:
 
 
 def split_arm(arm: str) -> tuple[str, str]:
-    """An arm's training arm and its replay suffix ('' when it has none)."""
-    for suffix in REPLAY_SUFFIXES:
+    """An arm's training arm and its suffix ('' when it has none)."""
+    for suffix in (*REPLAY_SUFFIXES, COMPOSE_SUFFIX):
         if arm.endswith(suffix):
             return arm.removesuffix(suffix), suffix
     return arm, ""
@@ -246,6 +256,11 @@ def round_config(
         **replay_overrides,
         **later_round,
     )
+
+
+def pack_round(config: ScienceConfig, arm: str, pack: str, seed: int) -> TrainConfig:
+    """The pack study's round of an arm: one pack, from the base."""
+    return round_config(config, arm, pack, seed, Path(config.workdir) / "rounds" / pack / f"{arm}-s{seed}")
 
 
 def run_round(train_config: TrainConfig) -> tuple[str, float]:
@@ -315,6 +330,18 @@ class Evaluation:
         return {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
 
 
+def composed_adapter(folders: list[str], output: Path) -> str:
+    """The sum of the adapters (one adapter: itself), written once under a name drawn from their weights, so a rerun
+    reuses it and a retrained round gets a new one."""
+    if len(folders) == 1:
+        return folders[0]
+    digest = hashlib.sha256(" ".join(file_digest(Path(f) / LORA_WEIGHTS) for f in folders).encode()).hexdigest()
+    target = output / f"adapter-{digest[:16]}"
+    if not (target / LORA_WEIGHTS).is_file():
+        compose_adapters(folders, target)
+    return str(target)
+
+
 def adapter_digests(adapters: dict[str, str | None]) -> dict[str, str | None]:
     """Each adapter's weights digest (None for the base): a cached score stands only for the weights it measured,
     so a round retrained in place (another --continual-lr, say) is scored again."""
@@ -331,14 +358,11 @@ def spread(values: list[float | None]) -> dict:
 
 def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) -> dict:
     """Every arm x seed on one pack, evaluated at every step count: metric -> arm -> steps -> spread."""
-    workdir = Path(config.workdir)
     adapters: dict[str, str | None] = {BASE: None}
     seconds: dict[str, list[float]] = {}
     for arm in config.names("arms"):
         for seed in config.numbers("seeds"):
-            adapter, took = run_round(
-                round_config(config, arm, pack, seed, workdir / "rounds" / pack / f"{arm}-s{seed}")
-            )
+            adapter, took = run_round(pack_round(config, arm, pack, seed))
             adapters[f"{arm}-s{seed}"] = adapter
             seconds.setdefault(arm, []).append(took)
             log(f"{pack}: {arm} seed {seed} trained ({took:.0f} s)")
@@ -365,14 +389,19 @@ def continual_study(
     packs, seeds = config.names("packs"), config.numbers("seeds")
     adapters: dict[str, str | None] = {BASE: None}
     for arm in config.names("continual_arms"):
+        trained, suffix = split_arm(arm)
         for seed in seeds:
             previous = ""
             for i, pack in enumerate(packs):
                 output = Path(config.workdir) / "continual" / f"{arm}-s{seed}" / pack
-                train_config = round_config(config, arm, pack, seed, output, init_adapter=previous, earlier=packs[:i])
-                previous, _ = run_round(train_config)
+                if suffix == COMPOSE_SUFFIX:
+                    learnt = [run_round(pack_round(config, trained, p, seed))[0] for p in packs[: i + 1]]
+                    previous = composed_adapter(learnt, output)
+                else:
+                    train_config = round_config(config, arm, pack, seed, output, previous, earlier=packs[:i])
+                    previous, _ = run_round(train_config)
                 adapters[f"{arm}-s{seed}-after-{pack}"] = previous
-            log(f"continual: {arm} seed {seed} trained through {', '.join(packs)}")
+            log(f"continual: {arm} seed {seed} through {', '.join(packs)}")
     sets = [evaluation.retention, *evaluation.concepts.values()]
     report = evaluation.run("continual", adapters, sets, config.deployed_steps)
     grids = evaluation.grids("continual", report, config.deployed_steps)
@@ -560,11 +589,12 @@ def render_markdown(results: dict) -> str:
         tracked = list(next(iter(next(iter(continual.values())).values())))
         lines += [
             "",
-            f"## Continual run (packs in order, each round from the previous adapter; at {deployed} steps)",
+            f"## Continual run (packs in order, each from the previous adapter unless composed; at {deployed} steps)",
             "",
             f"Later rounds train at lr {config['continual_lr'] or 'of the preset'}; a `+replay` arm draws "
             f"{config['continual_replay']} of each batch from the earlier packs (`+lwf`: taught by the previous "
-            "adapter from their captions).",
+            f"adapter from their captions); a `{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the "
+            "sum of the adapters so far.",
             "",
             "| model | after round | " + " | ".join(m.split("/")[0] for m in tracked) + " |",
             "| --- | --- |" + " --- |" * len(tracked),

@@ -7,6 +7,7 @@ student between its forward and its backward).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 STUDENT = "student"
 TEACHER = "teacher"
@@ -151,3 +154,58 @@ def _jsonable(config: dict) -> dict:
         if isinstance(value, (str, int, float, bool, list, dict)) or value is None:
             out[key] = value
     return out
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+"""The weights file of an adapter folder (diffusers' name: `pipe.load_lora_weights(folder)` finds it)."""
+METADATA_KEY = "lora_adapter_metadata"
+"""Where diffusers keeps the LoRA config inside the safetensors header."""
+
+
+def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """An adapter folder's weights and its LoRA config (keys without diffusers' `transformer.` prefix)."""
+    path = Path(folder) / LORA_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA weights file (an adapter folder holds {LORA_WEIGHTS})")
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    weights = load_file(str(path))
+    if METADATA_KEY not in header:
+        raise ValueError(f"{path}: no LoRA config ({METADATA_KEY!r}) in the file's header")
+    prefixed = json.loads(header[METADATA_KEY])
+    return weights, {key.split(".", 1)[1]: value for key, value in prefixed.items()}
+
+
+def compose_adapters(folders: Sequence[str | Path], output: str | Path, weights: Sequence[float] | None = None) -> Path:
+    """Write one LoRA whose update is the weighted sum of the adapters' updates: sum_i w_i (alpha_i / r_i) B_i A_i.
+
+    The ranks stack (A's rows, B's columns) and alpha equals the stacked rank, so the file loads as an ordinary
+    diffusers LoRA and a model that serves one adapter serves the composition unchanged.
+    """
+    if not folders:
+        raise ValueError("no adapters to compose")
+    weights = list(weights) if weights is not None else [1.0] * len(folders)
+    if len(weights) != len(folders):
+        raise ValueError(f"{len(weights)} weights for {len(folders)} adapters")
+    parts = [read_adapter(folder) for folder in folders]
+    first_keys = set(parts[0][0])
+    for folder, (tensors, config) in zip(folders, parts, strict=True):
+        if set(tensors) != first_keys:
+            raise ValueError(f"{folder}: its LoRA covers other layers than {folders[0]}'s; only such adapters compose")
+        plain = not config.get("use_dora") and not config.get("use_rslora")
+        if not plain or config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"{folder}: only plain LoRA composes (no DoRA, rsLoRA or per-layer rank/alpha patterns)")
+    rank = sum(int(config["r"]) for _, config in parts)
+    composed = {}
+    for key in sorted(first_keys):
+        if ".lora_A." in key:
+            scales = [w * float(c["lora_alpha"]) / int(c["r"]) for w, (_, c) in zip(weights, parts, strict=True)]
+            composed[key] = torch.cat([t[key].float() * s for s, (t, _) in zip(scales, parts, strict=True)], dim=0)
+        else:
+            composed[key] = torch.cat([t[key].float() for t, _ in parts], dim=1)
+    config = {**parts[0][1], "r": rank, "lora_alpha": float(rank)}
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, indent=2)}
+    save_file({key: value.contiguous() for key, value in composed.items()}, str(output / LORA_WEIGHTS), metadata=header)
+    return output

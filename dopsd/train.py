@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -36,8 +35,6 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 ROUND_CONFIG = "config.json"
 """The round's config, beside its checkpoints: what a resume must match."""
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-"""The weights file of an adapter folder (diffusers' name: `pipe.load_lora_weights(folder)` finds it)."""
 RUN_CONTROL_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
 """Fields a resumed round may change: how long it runs and how it saves and logs, not what it learns."""
 
@@ -170,25 +167,21 @@ def draw_batch(
 def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
     """Start every adapter (student, teacher, previous) from a saved one, once its LoRA layout is checked to be this
     round's."""
-    path = Path(folder) / LORA_WEIGHTS
-    if not path.is_file():
-        raise ValueError(f"init_adapter {folder}: no {LORA_WEIGHTS} there; give the adapter/ folder a round wrote")
-    with safe_open(str(path), "pt") as weights:
-        metadata = (weights.metadata() or {}).get("lora_adapter_metadata")
-    if metadata is None:
-        raise ValueError(f"init_adapter {path} holds no LoRA metadata (rank, alpha, targets); write it with a round")
-    saved = json.loads(metadata)
+    try:
+        weights, saved = adapters.read_adapter(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"init_adapter: {error}; give the adapter/ folder a round wrote") from error
     ours = adapters.adapter_metadata(transformer, adapters.STUDENT)
     layout = {
-        "rank": (saved.get("transformer.r"), ours["r"]),
-        "alpha": (saved.get("transformer.lora_alpha"), ours["lora_alpha"]),
-        "targets": (sorted(saved.get("transformer.target_modules") or []), sorted(ours["target_modules"])),
+        "rank": (saved.get("r"), ours["r"]),
+        "alpha": (saved.get("lora_alpha"), ours["lora_alpha"]),
+        "targets": (sorted(saved.get("target_modules") or []), sorted(ours["target_modules"])),
     }
     mismatched = [f"{name} {theirs} (this round: {mine})" for name, (theirs, mine) in layout.items() if theirs != mine]
     if mismatched:
         raise ValueError(f"init_adapter {folder} does not fit this round's LoRA: it has {'; '.join(mismatched)}")
     # diffusers files prefix every key with the pipeline component the LoRA belongs to.
-    state = {key.removeprefix("transformer."): value for key, value in load_file(str(path)).items()}
+    state = {key.removeprefix("transformer."): value for key, value in weights.items()}
     for name in adapters.adapter_names(transformer):
         adapters.load_adapter_state(transformer, name, state)
 

@@ -102,3 +102,44 @@ def test_adapters_stay_float32_on_a_bf16_base_so_the_ema_moves(tiny_zimage_path)
     x = torch.randn(1, *model.latent_shape(32, 32))
     out = model.velocity(x, torch.tensor([0.37]), model.encode_student(["a red circle"]))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_composed_adapter_is_the_sum_of_its_parts_in_the_real_pipeline(model, tiny_zimage_path, tmp_path):
+    transformer = model.pipeline.transformer
+    with torch.no_grad():
+        for t, s in adapters.adapter_pairs(transformer):
+            t.normal_(0, 0.2)
+            s.normal_(0, 0.2)
+    for name in (adapters.STUDENT, adapters.TEACHER):
+        adapters.save_adapter(model, name, tmp_path / name)
+    ctx = model.encode_student(["a red circle"])
+    x, sigma = torch.randn(1, *model.latent_shape(32, 32)), torch.tensor([0.5])
+    with torch.no_grad():
+        with adapters.use_adapter(transformer, adapters.STUDENT):
+            student = model.velocity(x, sigma, ctx)
+        for layer in adapters.lora_layers(transformer):
+            layer._active_adapter = [adapters.STUDENT, adapters.TEACHER]  # PEFT adds the updates of active adapters
+        both = model.velocity(x, sigma, ctx)
+    folders = [tmp_path / adapters.STUDENT, tmp_path / adapters.TEACHER]
+    composed = {
+        "sum": adapters.compose_adapters(folders, tmp_path / "sum"),
+        "halves": adapters.compose_adapters([folders[0], folders[0]], tmp_path / "halves", weights=[0.5, 0.5]),
+    }
+    for name, expected in (("sum", both), ("halves", student)):
+        fresh = load_model(tiny_zimage_path, with_teacher_encoder=False)
+        fresh.pipeline.load_lora_weights(str(composed[name]))
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.velocity(x, sigma, ctx), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(both, student, atol=1e-3)
+
+
+def test_adapters_of_other_layers_or_missing_files_do_not_compose(model, tmp_path):
+    adapters.save_adapter(model, adapters.STUDENT, tmp_path / "full")
+    transformer = model.pipeline.transformer
+    transformer.add_adapter(adapters.lora_config(4, 8.0, ["to_q"]), adapter_name="narrow")
+    adapters.save_adapter(model, "narrow", tmp_path / "narrow")
+    with pytest.raises(ValueError, match=r"narrow: its LoRA covers other layers than .*full"):
+        adapters.compose_adapters([tmp_path / "full", tmp_path / "narrow"], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"missing/pytorch_lora_weights.safetensors: no LoRA weights file"):
+        adapters.compose_adapters([tmp_path / "full", tmp_path / "missing"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

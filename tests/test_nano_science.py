@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from dopsd.adapters import LORA_WEIGHTS
 from dopsd.sampling import NOISE_SCHEME
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
@@ -50,17 +51,18 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--eval-steps=1,4",
         "--eval-images=1",
         "--reference-images=8",
-        "--continual-arms=dopsd,dopsd+lwf",
+        "--continual-arms=dopsd,dopsd+lwf,dopsd+compose",
         "--continual-premise=2",
         "--continual-lr=2e-4",
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",
     ]
-    wrong = ["--arms=sft,dpo,dopsd+lwf", "--replay-ratio=0", "--packs=star,nothing", "--continual-lr=-1"]
+    wrong = ["--arms=sft,dpo,dopsd+lwf,sft+compose", "--replay-ratio=0", "--packs=star,nothing", "--continual-lr=-1"]
     bad = refusal(*options, *wrong)
     assert "unknown arm 'dpo'" in bad and "packs/nothing_prompts.jsonl is missing" in bad
     assert "arm 'dopsd+lwf' distils replayed base-world renders, but --replay-ratio is 0" in bad
     assert "continual_lr must be >= 0" in bad
+    assert "arm 'sft+compose': +compose composes the rounds of the continual run, not of one pack" in bad
     assert not (tmp_path / "work").exists()  # named before anything ran
 
     science(*options)
@@ -101,8 +103,21 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "concept-teal/geneval/overall",
         "retention/geneval/overall",
     }
+    # +compose trains nothing of its own: after star it deploys the pack study's star round, after teal the sum of
+    # the star and teal rounds (ranks stacked).
+    composed = results["continual"]["dopsd+compose"]
+    assert list(composed) == ["star", "teal"]
+    assert not list((tmp_path / "work" / "continual").glob("dopsd+compose-s*/*/round.json"))
+    star_study = results["packs"]["star"]["metrics"]["concept"]["dopsd"]["4"]
+    assert composed["star"]["concept-star/geneval/overall"] == star_study
+    (summed,) = (tmp_path / "work" / "continual" / "dopsd+compose-s0" / "teal").glob("adapter-*")
+    star_round = load_file(str(tmp_path / "work" / "rounds" / "star" / "dopsd-s0" / "adapter" / LORA_WEIGHTS))
+    summed_weights = load_file(str(summed / LORA_WEIGHTS))
+    a_key = next(k for k in star_round if ".lora_A." in k)
+    assert summed_weights[a_key].shape[0] == 2 * star_round[a_key].shape[0]
     premise = results["continual_premise"]
-    assert list(premise) == ["base", "dopsd", "dopsd+lwf"] and list(premise["dopsd"]) == ["star", "teal"]
+    assert list(premise) == ["base", "dopsd", "dopsd+lwf", "dopsd+compose"]
+    assert list(premise["dopsd"]) == ["star", "teal"]
     for after in ("star", "teal"):
         for pack in ("star", "teal"):
             for value in premise["dopsd"][after][pack].values():
@@ -128,14 +143,20 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     premise_before = json.loads((work / "eval" / "continual-premise.json").read_text())
     science_in_process(*options, "--continual-lr=3e-4")
     redone = {work / "eval" / "continual" / "steps-4" / "report.json", work / "eval" / "continual-premise.json"}
-    redone |= {p for p in produced if p.is_relative_to(work / "continual") and p.relative_to(work).parts[2] == "teal"}
+    redone |= {
+        p
+        for p in produced
+        if p.is_relative_to(work / "continual")
+        and p.relative_to(work).parts[2] == "teal"
+        and not p.relative_to(work).parts[1].startswith("dopsd+compose")  # the rounds it sums are not retrained
+    }
     assert len(redone) > 2
     for path in produced:
         assert (path.stat().st_mtime_ns != stamps[path]) == (path in redone), path
     later = json.loads((work / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
     assert later["config"]["lr"] == 3e-4
     premise_after = json.loads((work / "eval" / "continual-premise.json").read_text())
-    assert len(premise_after) == len(premise_before) + 2 * 2  # two arms x two seeds after the teal round
+    assert len(premise_after) == len(premise_before) + 2 * 2  # two chained arms x two seeds after the teal round
 
     # The work folder's rounds and scores belong to its base: another base is refused before anything runs.
     assert results["base"] == json.loads((work / "base.json").read_text())

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dopsd.adapters import LORA_WEIGHTS
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, read_dataset
 from dopsd.preview import pipeline_images
 from dopsd.train import (
-    LORA_WEIGHTS,
     SampleCache,
     TrainingDiverged,
     cache_path,
@@ -143,7 +143,7 @@ def test_a_round_starts_from_its_init_adapter(tmp_path, tiny_zimage_path, datase
                 tiny_zimage_path, dataset, tmp_path / "r2", lora_rank=2, lora_targets="to_q", init_adapter=str(first)
             )
         )
-    with pytest.raises(ValueError, match=f"no {LORA_WEIGHTS} there"):
+    with pytest.raises(ValueError, match=f"init_adapter: .*first/{LORA_WEIGHTS}: no LoRA weights file"):
         train(tiny_config(tiny_zimage_path, dataset, tmp_path / "r3", init_adapter=str(tmp_path / "first")))
 
 
