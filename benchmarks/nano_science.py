@@ -392,14 +392,18 @@ def continual_study(
         trained, suffix = split_arm(arm)
         for seed in seeds:
             previous = ""
+            learnt: list[str] = []
             for i, pack in enumerate(packs):
                 output = Path(config.workdir) / "continual" / f"{arm}-s{seed}" / pack
+                study = pack_round(config, trained, pack, seed)
                 if suffix == COMPOSE_SUFFIX:
-                    learnt = [run_round(pack_round(config, trained, p, seed))[0] for p in packs[: i + 1]]
+                    learnt.append(run_round(study)[0])
                     previous = composed_adapter(learnt, output)
                 else:
                     train_config = round_config(config, arm, pack, seed, output, previous, earlier=packs[:i])
-                    previous, _ = run_round(train_config)
+                    # The first pack's round, from the base, is the pack study's round whenever the recipes agree.
+                    same_as_study = dataclasses.replace(train_config, output=study.output) == study
+                    previous, _ = run_round(study if same_as_study else train_config)
                 adapters[f"{arm}-s{seed}-after-{pack}"] = previous
             log(f"continual: {arm} seed {seed} through {', '.join(packs)}")
     sets = [evaluation.retention, *evaluation.concepts.values()]

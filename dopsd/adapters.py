@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 STUDENT = "student"
 TEACHER = "teacher"
@@ -158,21 +159,20 @@ def _jsonable(config: dict) -> dict:
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The weights file of an adapter folder (diffusers' name: `pipe.load_lora_weights(folder)` finds it)."""
-METADATA_KEY = "lora_adapter_metadata"
-"""Where diffusers keeps the LoRA config inside the safetensors header."""
 
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """An adapter folder's weights and its LoRA config (keys without diffusers' `transformer.` prefix)."""
+    """An adapter folder's weights, keyed as in the file (with diffusers' `transformer.` prefix), and its LoRA config
+    (PEFT's field names: the header's `transformer.` prefix stripped)."""
     path = Path(folder) / LORA_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no LoRA weights file (an adapter folder holds {LORA_WEIGHTS})")
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
     weights = load_file(str(path))
-    if METADATA_KEY not in header:
-        raise ValueError(f"{path}: no LoRA config ({METADATA_KEY!r}) in the file's header")
-    prefixed = json.loads(header[METADATA_KEY])
+    if LORA_ADAPTER_METADATA_KEY not in header:
+        raise ValueError(f"{path}: no LoRA config ({LORA_ADAPTER_METADATA_KEY!r}) in the file's header")
+    prefixed = json.loads(header[LORA_ADAPTER_METADATA_KEY])
     return weights, {key.split(".", 1)[1]: value for key, value in prefixed.items()}
 
 
@@ -204,8 +204,13 @@ def compose_adapters(folders: Sequence[str | Path], output: str | Path, weights:
         else:
             composed[key] = torch.cat([t[key].float() for t, _ in parts], dim=1)
     config = {**parts[0][1], "r": rank, "lora_alpha": float(rank)}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    header = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, indent=2)}
-    save_file({key: value.contiguous() for key, value in composed.items()}, str(output / LORA_WEIGHTS), metadata=header)
-    return output
+    LoraBaseMixin.write_lora_layers(
+        state_dict={key: value.contiguous() for key, value in composed.items()},
+        save_directory=str(output),
+        is_main_process=True,
+        weight_name=LORA_WEIGHTS,
+        save_function=None,
+        safe_serialization=True,
+        lora_adapter_metadata={f"transformer.{k}": v for k, v in config.items()},
+    )
+    return Path(output)

@@ -82,10 +82,12 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         assert set(study["grids"]) == {"retention", f"concept-{pack}"}
         assert all((out.parent / grid).is_file() for grid in study["grids"].values())
     rounds = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
-    assert rounds["config"]["init_adapter"].endswith("dopsd-s1/star/adapter")  # chained from the star round
+    # Chained from the star round, which is the pack study's: the same recipe from the base is not trained twice.
+    assert rounds["config"]["init_adapter"] == str(tmp_path / "work" / "rounds" / "star" / "dopsd-s1" / "adapter")
+    assert not (tmp_path / "work" / "continual" / "dopsd-s1" / "star").exists()
     assert rounds["config"]["replay_ratio"] == 0.25 and rounds["config"]["steps"] == 2
     assert rounds["config"]["lr"] == 2e-4  # a later round takes the continual lr, a first round the preset's
-    first = json.loads((tmp_path / "work" / "continual" / "dopsd-s1" / "star" / "round.json").read_text())
+    first = json.loads((tmp_path / "work" / "rounds" / "star" / "dopsd-s1" / "round.json").read_text())
     assert first["config"]["lr"] == 5e-4
     assert rounds["config"]["replay_data"] == str(tmp_path / "work" / "replay")
     replayed = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "teal" / "round.json").read_text())
