@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dopsd.models import load_model
-from dopsd.nano.bootstrap import bootstrap
+from dopsd.nano.bootstrap import bootstrap, load_training_model, undistilled_teacher
 from dopsd.nano.model import NANO_RESOLUTION
 from tests.conftest import tiny_bootstrap_config
 
@@ -32,15 +32,32 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     bootstrap(more, log=logs.append)  # skips finished stages, runs distill
     assert any(line.startswith("distill: step 3/3") for line in logs)
     assert not any(line.startswith("pretrain: resuming") for line in logs)
+    checkpoints = tmp_path / "boot" / "checkpoints"
+    distilled = load_file(str(checkpoints / "distill" / "transformer.safetensors"))
+    assert any(not torch.equal(pretrained[k], distilled[k]) for k in pretrained)
+
+    # Distillation extended after it finished: the model folder now holds the distilled weights, the teacher must
+    # still be the pretrained model.
+    folder_weights = load_training_model(more).pipeline.transformer
+    assert all(torch.equal(distilled[k], v) for k, v in folder_weights.state_dict().items())
+    teacher = undistilled_teacher(folder_weights, more)
+    assert all(torch.equal(pretrained[k], v) for k, v in teacher.state_dict().items())
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", distill_steps=4), stages=("distill",), log=logs.append)
+    assert "distill: resuming at step 3" in logs and "distill: step 4/4" in " ".join(logs)
+
     before = len(logs)
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append)
     assert len(logs) == before  # finished stages are not run again
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), stages=("pretrain",), log=logs.append)
     assert "pretrain: resuming at step 2" in logs and "pretrain: step 3/3" in " ".join(logs)
     assert list(json.loads((tmp_path / "boot" / "done.json").read_text())) == ["vae", "vision", "pretrain"]
-
-    distilled = load_file(str(tmp_path / "boot" / "checkpoints" / "distill" / "transformer.safetensors"))
-    assert any(not torch.equal(pretrained[k], distilled[k]) for k in pretrained)
+    # The distillation was built on the old pretraining: set aside, so the next run distils afresh.
+    assert not (checkpoints / "distill").exists()
+    assert json.loads((checkpoints / "superseded" / "distill" / "step.json").read_text())["step"] == 4
+    before = len(logs)
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append)
+    assert any(line.startswith("distill: step 2/2") for line in logs[before:])
+    assert not any("resuming" in line for line in logs[before:])
     pipe = ZImagePipeline.from_pretrained(config.model_dir)
     images = pipe(
         prompt=["a photo of a red circle"],

@@ -470,7 +470,8 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
     undistilled teacher's `teacher_steps`-step sample from it, predict that sample."""
     model = load_training_model(config)
     transformer = model.pipeline.transformer
-    teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
+    teacher = undistilled_teacher(transformer, config)
+    transformer.load_state_dict(teacher.state_dict())  # the student starts from it (or resumes from its checkpoint)
     transformer.requires_grad_(True)
     compile_blocks(transformer, config)
     compile_blocks(teacher, config)
@@ -501,6 +502,18 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
     save_model(model, config)
 
 
+def undistilled_teacher(transformer: ModelMixin, config: BootstrapConfig) -> ModelMixin:
+    """A frozen copy of `transformer` with the pretraining stage's weights. From its checkpoint, not the model
+    folder: once distillation has finished the folder holds the distilled weights, and a distillation extended to
+    more steps must still learn the undistilled sampler."""
+    weights = Path(config.workdir) / "checkpoints" / "pretrain" / "transformer.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: distillation needs the pretraining stage's checkpoint; run it first")
+    teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
+    teacher.load_state_dict(load_file(str(weights)))
+    return teacher
+
+
 def save_model(model: ZImageModel, config: BootstrapConfig) -> None:
     assert model.teacher_encoder is not None
     model.pipeline.transformer.eval()
@@ -512,7 +525,9 @@ def bootstrap(
     config: BootstrapConfig, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print
 ) -> Path:
     """Run every stage in order, skipping finished ones; stages named explicitly run even when finished, from
-    their newest checkpoint (raise their step count to train them further). Returns the model folder."""
+    their newest checkpoint (raise their step count to train them further). A stage that runs makes the later ones
+    stale: they are run again from scratch, their checkpoints set aside in `checkpoints/superseded/`. Returns the
+    model folder."""
     torch.set_num_threads(config.threads)
     done_file = Path(config.workdir) / "done.json"
     done: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
@@ -529,7 +544,15 @@ def bootstrap(
             "machine": machine_description(config.torch_device, config.threads),
         }
         for later in STAGES[STAGES.index(stage) + 1 :]:
-            done.pop(later, None)  # built on what this stage just changed: to be run again
+            # Built on what this stage just changed: to be run again from scratch, not resumed from its checkpoint.
+            done.pop(later, None)
+            stale = Path(config.workdir) / "checkpoints" / later
+            if stale.is_dir():
+                superseded = stale.parent / "superseded" / later
+                shutil.rmtree(superseded, ignore_errors=True)
+                superseded.parent.mkdir(exist_ok=True)
+                stale.replace(superseded)
+                log(f"{later}: checkpoint moved to {superseded} (built on the {stage} stage just trained)")
         done_file.write_text(json.dumps(done, indent=2))
         log(f"{stage}: finished in {done[stage]['seconds']} s")
     return config.model_dir
