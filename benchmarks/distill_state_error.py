@@ -44,25 +44,23 @@ def state_errors(config: BootstrapConfig, pairs: int, seed: int = 99) -> dict:
         contexts = triples.contexts[start : start + config.distill_batch]
         noise = triples.noise[start : start + len(contexts)]
         target = triples.targets[start : start + len(contexts)]
+        weight = len(contexts)  # rows are means over all triples; batches may differ in size
         x = noise.clone()
         for row, sigma, sigma_next in zip(totals, sigmas[:-1], sigmas[1:], strict=True):
-            t = torch.full((len(contexts),), sigma, device=x.device)
+            t = torch.full((weight,), sigma, device=x.device)
             line = (1 - sigma) * target + sigma * noise
-            row["line_error"] += F.mse_loss(line - sigma * model.velocity(line, t, contexts), target).item() * len(
-                contexts
-            )
+            x0_line = line - sigma * model.velocity(line, t, contexts)
             v = model.velocity(x, t, contexts)
-            row["rollout_error"] += F.mse_loss(x - sigma * v, target).item() * len(contexts)
-            row["state_distance"] += F.mse_loss(x, line).item() * len(contexts)
+            row["line_error"] += F.mse_loss(x0_line, target).item() * weight
+            row["rollout_error"] += F.mse_loss(x - sigma * v, target).item() * weight
+            row["state_distance"] += F.mse_loss(x, line).item() * weight
             x = x + (sigma_next - sigma) * v
-        sample_error += F.mse_loss(x, target).item() * len(contexts)
+        sample_error += F.mse_loss(x, target).item() * weight
     count = len(triples.contexts)
     return {
         "states": [{k: v if k == "sigma" else v / count for k, v in row.items()} for row in totals],
         "sample_error": sample_error / count,
-        "endpoint_variance": F.mse_loss(
-            triples.targets, triples.targets.mean(0, keepdim=True).expand_as(triples.targets)
-        ).item(),
+        "endpoint_variance": triples.targets.var(dim=0, unbiased=False).mean().item(),
     }
 
 
