@@ -17,7 +17,7 @@ def test_state_errors_along_the_line_and_the_students_own_states(tmp_path, tiny_
     assert "| 0 (4-step sample) |" in run.stdout
     result = json.loads(out.read_text())
     states = result["states"]
-    assert [round(row["sigma"], 3) for row in states][0] == 1.0 and len(states) == 4
+    assert round(states[0]["sigma"], 3) == 1.0 and len(states) == 4
     assert [row["sigma"] for row in states] == sorted((row["sigma"] for row in states), reverse=True)
     # At sigma 1 both states are the noise itself; after the first step the student's own state leaves the line.
     assert states[0]["state_distance"] == 0.0 and states[0]["line_error"] == states[0]["rollout_error"]

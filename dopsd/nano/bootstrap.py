@@ -123,6 +123,10 @@ class BootstrapConfig:
     def model_dir(self) -> Path:
         return Path(self.workdir) / "model"
 
+    def stage_dir(self, stage: str) -> Path:
+        """The folder of a stage's newest checkpoint."""
+        return Path(self.workdir) / "checkpoints" / stage
+
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device) if self.device else default_device()
@@ -148,7 +152,7 @@ def run_stage(
     decay_steps: int = 0,
 ) -> None:
     """The one training loop of every stage: AdamW over `modules`, resumable from its newest checkpoint."""
-    folder = Path(config.workdir) / "checkpoints" / name
+    folder = config.stage_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -506,7 +510,7 @@ def undistilled_teacher(transformer: ModelMixin, config: BootstrapConfig) -> Mod
     """A frozen copy of `transformer` with the pretraining stage's weights. From its checkpoint, not the model
     folder: once distillation has finished the folder holds the distilled weights, and a distillation extended to
     more steps must still learn the undistilled sampler."""
-    weights = Path(config.workdir) / "checkpoints" / "pretrain" / "transformer.safetensors"
+    weights = config.stage_dir("pretrain") / "transformer.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: distillation needs the pretraining stage's checkpoint; run it first")
     teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
@@ -538,7 +542,7 @@ def bootstrap(
         if stages is None and stage in done:
             continue
         {"vae": train_vae, "vision": train_vision, "pretrain": pretrain, "distill": distill}[stage](config, log)
-        progress = json.loads((Path(config.workdir) / "checkpoints" / stage / "step.json").read_text())
+        progress = json.loads((config.stage_dir(stage) / "step.json").read_text())
         done[stage] = {
             "seconds": progress.get("seconds"),
             "machine": machine_description(config.torch_device, config.threads),
@@ -546,7 +550,7 @@ def bootstrap(
         for later in STAGES[STAGES.index(stage) + 1 :]:
             # Built on what this stage just changed: to be run again from scratch, not resumed from its checkpoint.
             done.pop(later, None)
-            stale = Path(config.workdir) / "checkpoints" / later
+            stale = config.stage_dir(later)
             if stale.is_dir():
                 superseded = stale.parent / "superseded" / later
                 shutil.rmtree(superseded, ignore_errors=True)
