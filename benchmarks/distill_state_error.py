@@ -72,8 +72,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the rows here.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    saved = json.loads((Path(args.workdir) / "config.json").read_text())
-    config = BootstrapConfig(**{**saved, "workdir": args.workdir, "threads": args.threads, "compile": False})
+    config = BootstrapConfig.from_workdir(args.workdir, threads=args.threads, compile=False)
     result = state_errors(config, args.pairs)
     print(
         f"{args.pairs} teacher triples ({config.teacher_steps} steps, guidance {config.guidance}) from {args.workdir}"

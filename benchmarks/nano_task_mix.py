@@ -48,7 +48,7 @@ import json
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,29 +108,31 @@ def relation_counts(
 
 
 def main(config: TaskMixConfig) -> dict:
-    source, workdir = Path(config.bootstrap), Path(config.workdir)
+    source = BootstrapConfig.from_workdir(config.bootstrap)
+    continuation = replace(source, workdir=config.workdir)
+    workdir = Path(continuation.workdir)
     if not workdir.exists():
-        shutil.copytree(source / "model", workdir / "model")
-        shutil.copytree(source / "checkpoints" / "pretrain", workdir / "checkpoints" / "pretrain")
-        shutil.copy(source / "config.json", workdir / "config.json")
-    start = json.loads((source / "checkpoints" / "pretrain" / "step.json").read_text())["step"]
-    bootstrap = json.loads((source / "config.json").read_text())
-    torch.set_num_threads(bootstrap["threads"])
+        shutil.copytree(source.model_dir, continuation.model_dir)
+        shutil.copytree(source.stage_dir("pretrain"), continuation.stage_dir("pretrain"))
+        shutil.copy(Path(source.workdir) / "config.json", workdir / "config.json")
+    start = json.loads((source.stage_dir("pretrain") / "step.json").read_text())["step"]
+    torch.set_num_threads(source.threads)
     if config.steps:
         # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.
-        recipe = {**bootstrap, "workdir": str(workdir), "pretrain_steps": start + config.steps}
-        recipe |= {
-            "pretrain_lr": config.lr,
-            "pretrain_decay_steps": config.decay_steps,
-            "image_context_prob": config.image_context_prob,
-            "task_weights": tuple(float(w) for w in config.task_weights.split(",")),
-        }
-        (workdir / "continuation.json").write_text(json.dumps(recipe, indent=2))
-        pretrain(BootstrapConfig(**recipe))
+        recipe = replace(
+            continuation,
+            pretrain_steps=start + config.steps,
+            pretrain_lr=config.lr,
+            pretrain_decay_steps=config.decay_steps,
+            image_context_prob=config.image_context_prob,
+            task_weights=tuple(float(w) for w in config.task_weights.split(",")),
+        )
+        (workdir / "continuation.json").write_text(json.dumps(asdict(recipe), indent=2))
+        pretrain(recipe)
     detector = NanoDetector.load()
     model = checkpoint_model(workdir, "pretrain")
     records = read_metadata(config.prompts)
-    counts = relation_counts(model, records, parse_seeds(config.relation_seeds), bootstrap["guidance"], detector)
+    counts = relation_counts(model, records, parse_seeds(config.relation_seeds), source.guidance, detector)
     print(
         f"position samples at 32 steps, {sum(counts.values())}: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

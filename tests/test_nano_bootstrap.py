@@ -203,3 +203,17 @@ def test_task_weights_set_how_often_each_family_is_drawn():
     assert relation_share(WorldStream(0, (1, 1, 1, 1, 0, 1))) == 0
     with pytest.raises(ValueError, match="6 non-negative numbers"):
         WorldStream(0, (1, 1))
+
+
+def test_config_of_a_copied_work_folder_reads_as_the_copy(tmp_path):
+    from dataclasses import asdict, replace
+
+    from dopsd.nano.bootstrap import BootstrapConfig
+
+    config = tiny_bootstrap_config(tmp_path / "boot", task_weights=(1.0, 1.0, 1.0, 1.0, 4.0, 1.0))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text(json.dumps(asdict(config)))  # as bootstrap() writes it: weights as a list
+    read = BootstrapConfig.from_workdir(copy, threads=2)
+    assert read == replace(config, workdir=str(copy), threads=2)
+    assert read.stage_dir("distill") == copy / "checkpoints" / "distill"

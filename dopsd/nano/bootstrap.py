@@ -119,6 +119,15 @@ class BootstrapConfig:
     guidance) took 23.5 s on 2 CPU cores, where a student step takes ~1.3 s: refreshing every 8 steps would make
     the stage ~3x slower, every 32 ~1.5x."""
 
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, **overrides) -> BootstrapConfig:
+        """The config the bootstrap in `workdir` ran with (its config.json), with `overrides` (workdir is always
+        `workdir`, so a copied work folder reads as itself)."""
+        saved = json.loads((Path(workdir) / "config.json").read_text())
+        if saved.get("task_weights") is not None:
+            saved["task_weights"] = tuple(saved["task_weights"])
+        return cls(**{**saved, "workdir": str(workdir), **overrides})
+
     @property
     def model_dir(self) -> Path:
         return Path(self.workdir) / "model"
@@ -427,6 +436,23 @@ def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> Non
     save_model(model, config)
 
 
+@torch.no_grad()
+def teacher_sample(
+    model: ZImageModel,
+    teacher: ModelMixin,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    contexts: list[dict[str, torch.Tensor]],
+    guidance: float,
+) -> torch.Tensor:
+    """`euler_sample` with the frozen teacher's weights in place of the student's (same code)."""
+    student, model.transformer = model.transformer, teacher
+    try:
+        return euler_sample(model, noise, sigmas, contexts, guidance)
+    finally:
+        model.transformer = student
+
+
 class TeacherPairs:
     """(context, noise, teacher endpoint) triples of the undistilled teacher, a batch of them replaced every
     `refresh_every` steps: a `teacher_steps`-step sample per training example would cost ~10x the student step."""
@@ -450,11 +476,7 @@ class TeacherPairs:
         contexts = contexts_for(self.model, items, self.stream, self.config.image_context_prob, self.stream.rng)
         shape = (len(items), *self.model.latent_shape(NANO_RESOLUTION, NANO_RESOLUTION))
         noise = torch.randn(shape, generator=generator).to(self.model.device)
-        student, self.model.transformer = self.model.transformer, self.teacher  # same code, frozen weights
-        try:
-            target = euler_sample(self.model, noise, self.sigmas, contexts, self.config.guidance)
-        finally:
-            self.model.transformer = student
+        target = teacher_sample(self.model, self.teacher, noise, self.sigmas, contexts, self.config.guidance)
         return contexts, noise, target
 
     def batch(self, generator) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:

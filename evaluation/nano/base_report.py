@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dopsd.models.zimage import ZImageModel
+from dopsd.nano.bootstrap import BootstrapConfig
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACKS
 from dopsd.nano.world import render
@@ -139,13 +140,13 @@ def write_base_report(
     command: str,
     seeds: Sequence[int] = (0, 1, 2),
 ) -> dict:
-    workdir = Path(workdir)
-    weights = workdir / "checkpoints" / "pretrain" / "transformer.safetensors"
+    config = BootstrapConfig.from_workdir(workdir)
+    weights = config.stage_dir("pretrain") / "transformer.safetensors"
     out = Path(out)
     grids = out.parent / f"{out.stem}_grids"
     grids.mkdir(parents=True, exist_ok=True)
-    metrics = base_metrics(workdir / "model", weights, prompts, detector, seeds, bootstrap_guidance(workdir), grids)
-    bootstrap = json.loads((workdir / "done.json").read_text())
+    metrics = base_metrics(config.model_dir, weights, prompts, detector, seeds, config.guidance, grids)
+    bootstrap = json.loads((Path(workdir) / "done.json").read_text())
     out.write_text(render_markdown(metrics, command, bootstrap, grids.name))
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -155,15 +156,11 @@ STAGE_STEPS = {"pretrain": 32, "distill": 4}
 """The step count each stage's model is meant to be sampled at."""
 
 
-def bootstrap_guidance(workdir: Path) -> float:
-    """The classifier-free guidance the bootstrap in `workdir` gives its undistilled model."""
-    return float(json.loads((workdir / "config.json").read_text())["guidance"])
-
-
-def checkpoint_model(workdir: Path, stage: str) -> ZImageModel:
+def checkpoint_model(workdir: str | Path, stage: str) -> ZImageModel:
     """The work folder's pipeline with the transformer of `stage`'s newest checkpoint."""
-    model = ZImageModel.load(str(workdir / "model"), max_caption_tokens=NANO_CAPTION_TOKENS)
-    weights = workdir / "checkpoints" / stage / "transformer.safetensors"
+    config = BootstrapConfig.from_workdir(workdir)
+    model = ZImageModel.load(str(config.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
+    weights = config.stage_dir(stage) / "transformer.safetensors"
     model.pipeline.transformer.load_state_dict(load_file(str(weights)))
     return model
 
@@ -203,13 +200,14 @@ def probe_checkpoint(
     appended to `<workdir>/probes.jsonl`, so the trend of a long run is kept, and its samples are drawn in
     `<workdir>/probes/<stage>_<step>_{geneval,<pack>}.png`."""
     workdir = Path(workdir)
-    folder = workdir / "checkpoints" / stage
+    config = BootstrapConfig.from_workdir(workdir)
+    folder = config.stage_dir(stage)
     if stage not in STAGE_STEPS or not (folder / "step.json").is_file():
         raise ValueError(f"no {stage} checkpoint in {folder} (stages with a model to probe: {list(STAGE_STEPS)})")
     model = checkpoint_model(workdir, stage)
     records = first_per_task(read_metadata(prompts), limit)
     if guidance is None:
-        guidance = bootstrap_guidance(workdir) if stage == "pretrain" else 0.0
+        guidance = config.guidance if stage == "pretrain" else 0.0
     result: dict = {"stage": stage, **json.loads((folder / "step.json").read_text()), "prompts": len(records)}
     result["guidance"] = guidance
     grids = workdir / "probes"
