@@ -32,7 +32,7 @@ from dopsd.nano.bootstrap import (
     BootstrapConfig,
     WorldStream,
     compile_blocks,
-    contexts_for,
+    distillation_inputs,
     load_training_model,
     run_stage,
     save_model,
@@ -66,17 +66,14 @@ class RolloutTargets:
     def _draw(
         self, generator: torch.Generator
     ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
-        items = self.stream.batch(self.config.distill_batch)
-        contexts = contexts_for(self.model, items, self.stream, self.config.image_context_prob, self.stream.rng)
-        shape = (len(items), *self.model.latent_shape(NANO_RESOLUTION, NANO_RESOLUTION))
-        x = torch.randn(shape, generator=generator).to(self.model.device)
+        contexts, x = distillation_inputs(self.model, self.stream, self.config, generator)
         states, sigmas, targets = [], [], []
         for sigma, sigma_next in zip(self.student_sigmas[:-1].tolist(), self.student_sigmas[1:].tolist(), strict=True):
             remaining = torch.cat([torch.tensor([sigma]), self.teacher_sigmas[self.teacher_sigmas < sigma]])
             states.append(x)
-            sigmas.append(torch.full((len(items),), sigma))
+            sigmas.append(torch.full((len(contexts),), sigma))
             targets.append(teacher_sample(self.model, self.teacher, x, remaining, contexts, self.config.guidance))
-            t = torch.full((len(items),), sigma, device=x.device)
+            t = torch.full((len(contexts),), sigma, device=x.device)
             x = x + (sigma_next - sigma) * self.model.velocity(x, t, contexts)
         return contexts * len(states), torch.cat(states), torch.cat(sigmas), torch.cat(targets)
 

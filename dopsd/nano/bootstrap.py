@@ -436,6 +436,17 @@ def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> Non
     save_model(model, config)
 
 
+def distillation_inputs(
+    model: ZImageModel, stream: WorldStream, config: BootstrapConfig, generator: torch.Generator
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """A batch of fresh world items as distillation meets them: their contexts (caption or [reference + caption])
+    and a noise each."""
+    items = stream.batch(config.distill_batch)
+    contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng)
+    shape = (len(items), *model.latent_shape(NANO_RESOLUTION, NANO_RESOLUTION))
+    return contexts, torch.randn(shape, generator=generator).to(model.device)
+
+
 @torch.no_grad()
 def teacher_sample(
     model: ZImageModel,
@@ -472,10 +483,7 @@ class TeacherPairs:
 
     @torch.no_grad()
     def _draw(self, generator) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        items = self.stream.batch(self.config.distill_batch)
-        contexts = contexts_for(self.model, items, self.stream, self.config.image_context_prob, self.stream.rng)
-        shape = (len(items), *self.model.latent_shape(NANO_RESOLUTION, NANO_RESOLUTION))
-        noise = torch.randn(shape, generator=generator).to(self.model.device)
+        contexts, noise = distillation_inputs(self.model, self.stream, self.config, generator)
         target = teacher_sample(self.model, self.teacher, noise, self.sigmas, contexts, self.config.guidance)
         return contexts, noise, target
 
