@@ -49,7 +49,7 @@ def state_errors(config: BootstrapConfig, pairs: int, seed: int = 99) -> dict:
         for row, sigma, sigma_next in zip(totals, sigmas[:-1], sigmas[1:], strict=True):
             t = torch.full((weight,), sigma, device=x.device)
             line = (1 - sigma) * target + sigma * noise
-            x0_line = line - sigma * model.velocity(line, t, contexts)
+            x0_line = model.predicted_x0(line, t, contexts)
             v = model.velocity(x, t, contexts)
             row["line_error"] += F.mse_loss(x0_line, target).item() * weight
             row["rollout_error"] += F.mse_loss(x - sigma * v, target).item() * weight

@@ -203,12 +203,14 @@ app.add_typer(nano_app, name="nano")
 def nano_bootstrap(
     workdir: Annotated[Path, typer.Option(help="Checkpoints and the model being built.")] = Path("runs/nano-bootstrap"),
     stage: Annotated[
-        list[str] | None, typer.Option(help="Stage(s) to run: vae, vision, pretrain, distill (default all).")
+        list[str] | None,
+        typer.Option(help="Stage(s) to run: vae, vision, pretrain, distill, distill_on_policy (default all)."),
     ] = None,
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps.")] = None,
     vision_steps: Annotated[int | None, typer.Option(help="Vision tower steps.")] = None,
     pretrain_steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
     distill_steps: Annotated[int | None, typer.Option(help="Distillation steps.")] = None,
+    on_policy_steps: Annotated[int | None, typer.Option(help="On-policy distillation steps.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     device: Annotated[str, typer.Option(help="cuda or cpu (default: cuda when available).")] = "",
     compile_blocks: Annotated[
@@ -216,11 +218,18 @@ def nano_bootstrap(
     ] = True,
     export_to: Annotated[Path | None, typer.Option(help="Copy the finished model folder here.")] = None,
 ) -> None:
-    """Build the nano model: VAE, teacher vision tower, pretraining, distillation to 4 steps. Resumes from the work
-    folder's newest checkpoints, so it can run in the background over several sittings."""
+    """Build the nano model: VAE, teacher vision tower, pretraining, distillation to 4 steps (straight-line, then
+    on-policy). Resumes from the work folder's newest checkpoints, so it can run in the background over several
+    sittings."""
     from dopsd.nano.bootstrap import STAGES, BootstrapConfig, bootstrap, export
 
-    steps = {"vae": vae_steps, "vision": vision_steps, "pretrain": pretrain_steps, "distill": distill_steps}
+    steps = {
+        "vae": vae_steps,
+        "vision": vision_steps,
+        "pretrain": pretrain_steps,
+        "distill": distill_steps,
+        "distill_on_policy": on_policy_steps,
+    }
     chosen: dict[str, Any] = {f"{k}_steps": v for k, v in steps.items() if v is not None}
     config = BootstrapConfig(workdir=str(workdir), threads=threads, device=device, compile=compile_blocks, **chosen)
     unknown = sorted(set(stage or ()) - set(STAGES))

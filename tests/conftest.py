@@ -49,6 +49,10 @@ def tiny_bootstrap_config(workdir, **overrides) -> BootstrapConfig:
         compile=False,
         pretrain_decay_steps=1,
         distill_decay_steps=1,
+        distill_on_policy_steps=2,
+        distill_on_policy_decay_steps=1,
+        rollout_draws=1,
+        rollout_refresh_every=1,
     )
     return BootstrapConfig(**{**values, **overrides})
 

@@ -9,7 +9,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dopsd.models import load_model
-from dopsd.nano.bootstrap import bootstrap, load_training_model, undistilled_teacher
+from dopsd.nano.bootstrap import (
+    BootstrapConfig,
+    RolloutTargets,
+    bootstrap,
+    load_training_model,
+    teacher_sample,
+    undistilled_teacher,
+)
 from dopsd.nano.model import NANO_RESOLUTION
 from tests.conftest import tiny_bootstrap_config
 
@@ -29,21 +36,30 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     pretrained = load_file(str(tmp_path / "boot" / "checkpoints" / "pretrain" / "transformer.safetensors"))
 
     more = tiny_bootstrap_config(tmp_path / "boot", distill_steps=3)
-    bootstrap(more, log=logs.append)  # skips finished stages, runs distill
+    bootstrap(more, log=logs.append)  # skips finished stages, runs both distillations
     assert any(line.startswith("distill: step 3/3") for line in logs)
+    assert any(line.startswith("distill_on_policy: step 2/2") for line in logs)
     assert not any(line.startswith("pretrain: resuming") for line in logs)
     checkpoints = tmp_path / "boot" / "checkpoints"
     distilled = load_file(str(checkpoints / "distill" / "transformer.safetensors"))
     assert any(not torch.equal(pretrained[k], distilled[k]) for k in pretrained)
+    on_policy = load_file(str(checkpoints / "distill_on_policy" / "transformer.safetensors"))
+    assert any(not torch.equal(distilled[k], on_policy[k]) for k in distilled)
 
-    # Distillation extended after it finished: the model folder now holds the distilled weights, the teacher must
+    # Distillation extended after it finished: the model folder now holds the on-policy weights, the teacher must
     # still be the pretrained model.
     folder_weights = load_training_model(more).pipeline.transformer
-    assert all(torch.equal(distilled[k], v) for k, v in folder_weights.state_dict().items())
+    assert all(torch.equal(on_policy[k], v) for k, v in folder_weights.state_dict().items())
     teacher = undistilled_teacher(folder_weights, more)
     assert all(torch.equal(pretrained[k], v) for k, v in teacher.state_dict().items())
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", distill_steps=4), stages=("distill",), log=logs.append)
     assert "distill: resuming at step 3" in logs and "distill: step 4/4" in " ".join(logs)
+    # The on-policy stage was built on the shorter distillation: run again from the longer one's weights.
+    assert not (checkpoints / "distill_on_policy").exists()
+    before = len(logs)
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", distill_steps=4), log=logs.append)
+    assert any(line.startswith("distill_on_policy: step 2/2") for line in logs[before:])
+    assert not any("resuming" in line for line in logs[before:])
 
     before = len(logs)
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append)
@@ -51,8 +67,8 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), stages=("pretrain",), log=logs.append)
     assert "pretrain: resuming at step 2" in logs and "pretrain: step 3/3" in " ".join(logs)
     assert list(json.loads((tmp_path / "boot" / "done.json").read_text())) == ["vae", "vision", "pretrain"]
-    # The distillation was built on the old pretraining: set aside, so the next run distils afresh.
-    assert not (checkpoints / "distill").exists()
+    # The distillations were built on the old pretraining: set aside, so the next run distils afresh.
+    assert not (checkpoints / "distill").exists() and not (checkpoints / "distill_on_policy").exists()
     assert json.loads((checkpoints / "superseded" / "distill" / "step.json").read_text())["step"] == 4
     before = len(logs)
     bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append)
@@ -71,6 +87,27 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert model.teacher_encoder is not None
     frozen = load_file(str(config.model_dir / "teacher_encoder" / "model.safetensors"))
     assert all(torch.equal(tower[k], frozen[k]) for k in tower if ".visual." in k)  # pretraining only reads it
+
+
+def test_on_policy_examples_are_the_students_states_with_the_teachers_endpoint_from_each(tiny_nano_bootstrap):
+    config = BootstrapConfig.from_workdir(tiny_nano_bootstrap.workdir)
+    model = load_training_model(config)
+    teacher = undistilled_teacher(model.pipeline.transformer, config)
+    examples = RolloutTargets(model, teacher, config, torch.Generator().manual_seed(0))
+    contexts, states, sigmas, targets = examples.draws[0]
+    batch = config.distill_batch
+    assert len(contexts) == len(states) == len(targets) == 4 * batch
+    assert sigmas.view(4, batch)[:, 0].tolist() == examples.student_sigmas[:-1].tolist()
+    # Each state is the previous one moved by the student's own velocity, not a point on a straight line.
+    first, second = states[:batch], states[batch : 2 * batch]
+    with torch.no_grad():
+        step = (sigmas[batch] - sigmas[0]) * model.velocity(first, sigmas[:batch], contexts[:batch])
+    torch.testing.assert_close(second, first + step)
+    last = slice(3 * batch, 4 * batch)
+    sigma = sigmas[3 * batch].item()
+    remaining = torch.cat([torch.tensor([sigma]), examples.teacher_sigmas[examples.teacher_sigmas < sigma]])
+    expected = teacher_sample(model, teacher, states[last], remaining, contexts[last], config.guidance)
+    torch.testing.assert_close(targets[last], expected)
 
 
 def test_caption_dropout_gives_the_empty_prompt_to_caption_only_samples(tiny_nano_bootstrap):

@@ -70,6 +70,11 @@ class FewStepModel(ABC):
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, contexts: Sequence[Context]) -> torch.Tensor:
         """Velocity (noise - x0) at `latents` (B, ...) and per-sample `sigma` (B,), in float32."""
 
+    def predicted_x0(self, latents: torch.Tensor, sigma: torch.Tensor, contexts: Sequence[Context]) -> torch.Tensor:
+        """The clean latents the velocity points to from `latents` at `sigma`: x - sigma * v."""
+        s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+        return latents - s * self.velocity(latents, sigma, contexts)
+
     @abstractmethod
     def schedule(self, steps: int, height: int, width: int) -> torch.Tensor:
         """The sigmas the deployed sampler visits at `steps` steps, ending with 0 (length steps + 1)."""

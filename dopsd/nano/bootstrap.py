@@ -1,4 +1,5 @@
-"""Bootstrap of the nano model: VAE, the teacher's vision tower, pretraining, then step distillation to 4 steps.
+"""Bootstrap of the nano model: VAE, the teacher's vision tower, pretraining, then step distillation to 4 steps
+(from the teacher's straight paths, then at the student's own states).
 
 Each stage is one resumable loop (`run_stage`) that checkpoints every few hundred steps into the work folder,
 so a long CPU run can be stopped and continued by a later session. The finished model is a plain ZImagePipeline
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from dopsd.nano.scenes import TASKS, TRAINING_LEADS, SceneSampler
 from dopsd.nano.world import COLOURS, SHAPES, SIZES, TEXTURES, Scene, Vocabulary, relayout, render
 from dopsd.sampling import euler_sample
 
-STAGES = ("vae", "vision", "pretrain", "distill")
+STAGES = ("vae", "vision", "pretrain", "distill", "distill_on_policy")
 
 
 @dataclass
@@ -118,6 +120,23 @@ class BootstrapConfig:
     """Distillation steps between two fresh batches of teacher endpoints. A batch of 64 endpoints (32 steps, with
     guidance) took 23.5 s on 2 CPU cores, where a student step takes ~1.3 s: refreshing every 8 steps would make
     the stage ~3x slower, every 32 ~1.5x."""
+    distill_on_policy_steps: int = 320
+    """Steps of distillation continued at the student's own 4-step states (`distill_on_policy`). The straight-line
+    student kept its first guess at its own Euler states (x0 error 0.50 at sigmas .9 to .5, against 0.05-0.01 on the
+    line; `benchmarks/distill_state_error.py`). 320 on-policy steps (3016 s on 2 CPU cores) lifted GenEval-nano at 4
+    steps 0.484 -> 0.512 and the 4-step teacher's star premise 0.698 -> 0.729, where 1400 more straight-line steps
+    had given 0.470; 640 gave 0.500 (data/nano/bootstrap/README.md, item 14)."""
+    distill_on_policy_lr: float = 1e-4
+    """On-policy distillation learning rate."""
+    distill_on_policy_decay_steps: int = 100
+    """Final on-policy steps over which the learning rate falls linearly to zero."""
+    rollout_draws: int = 4
+    """Batches of the student's rollouts kept as on-policy examples (each item gives one per student step: 1024
+    examples at the defaults)."""
+    rollout_refresh_every: int = 8
+    """On-policy steps between two fresh batches of rollouts by the current student. A batch of 64 rollouts with
+    the teacher's endpoints from their 256 states took ~60 s on 2 CPU cores, a student step ~1.8 s: the refreshes
+    are most of the stage's time, and what keeps its examples the current student's."""
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, **overrides) -> BootstrapConfig:
@@ -520,8 +539,7 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
         sigma = student_sigmas[k].to(model.device)
         s = sigma.view(-1, 1, 1, 1)
         state = (1 - s) * target + s * noise
-        x0 = state - s * model.velocity(state, sigma, contexts)
-        return F.mse_loss(x0, target)
+        return F.mse_loss(model.predicted_x0(state, sigma, contexts), target)
 
     run_stage(
         "distill",
@@ -536,15 +554,99 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
     save_model(model, config)
 
 
+class Rollouts(NamedTuple):
+    """A batch of the student's rollouts as examples, one per (item, student step), step-major."""
+
+    contexts: list[dict[str, torch.Tensor]]
+    states: torch.Tensor
+    sigmas: torch.Tensor
+    targets: torch.Tensor
+    """The undistilled teacher's endpoint from each state."""
+
+
+class RolloutTargets:
+    """(context, state, sigma, teacher endpoint) examples at the student's own 4-step states, from fresh noise; the
+    examples of `rollout_draws` batches kept, one batch replaced every `rollout_refresh_every` steps by the current
+    student's rollouts."""
+
+    def __init__(self, model: ZImageModel, teacher: ModelMixin, config: BootstrapConfig, generator: torch.Generator):
+        self.model, self.teacher, self.config = model, teacher, config
+        self.stream = WorldStream(config.seed + 4, config.task_weights)  # apart from the straight-line stage's
+        self.student_sigmas = model.schedule(4, NANO_RESOLUTION, NANO_RESOLUTION)
+        self.teacher_sigmas = model.schedule(config.teacher_steps, NANO_RESOLUTION, NANO_RESOLUTION)
+        self.draws = [self._draw(generator) for _ in range(config.rollout_draws)]
+        self.step = 0
+
+    @torch.no_grad()
+    def _draw(self, generator: torch.Generator) -> Rollouts:
+        contexts, x = distillation_inputs(self.model, self.stream, self.config, generator)
+        states, sigmas, targets = [], [], []
+        for sigma, sigma_next in zip(self.student_sigmas[:-1].tolist(), self.student_sigmas[1:].tolist(), strict=True):
+            # The teacher finishes from the student's state on its own grid, from that sigma down.
+            remaining = torch.cat([torch.tensor([sigma]), self.teacher_sigmas[self.teacher_sigmas < sigma]])
+            t = torch.full((len(contexts),), sigma, device=x.device)
+            states.append(x)
+            sigmas.append(t)
+            targets.append(teacher_sample(self.model, self.teacher, x, remaining, contexts, self.config.guidance))
+            x = x + (sigma_next - sigma) * self.model.velocity(x, t, contexts)
+        return Rollouts(contexts * len(states), torch.cat(states), torch.cat(sigmas), torch.cat(targets))
+
+    def batch(self, generator: torch.Generator) -> Rollouts:
+        self.step += 1
+        if self.step % self.config.rollout_refresh_every == 0:
+            self.draws[int(torch.randint(len(self.draws), (1,), generator=generator))] = self._draw(generator)
+        contexts = [c for draw in self.draws for c in draw.contexts]
+        states = torch.cat([draw.states for draw in self.draws])
+        sigmas = torch.cat([draw.sigmas for draw in self.draws])
+        targets = torch.cat([draw.targets for draw in self.draws])
+        chosen = torch.randperm(len(contexts), generator=generator)[: self.config.distill_batch]
+        return Rollouts([contexts[i] for i in chosen.tolist()], states[chosen], sigmas[chosen], targets[chosen])
+
+
+def distill_on_policy(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
+    """Continue distillation where the student goes: at each state of its own 4-step rollout from fresh noise
+    (detached, as D-OPSD rolls out), predict the undistilled teacher's endpoint from that very state, so the later
+    steps learn to finish the student's own guesses as the teacher would."""
+    model = load_training_model(config)
+    transformer = model.pipeline.transformer
+    teacher = undistilled_teacher(transformer, config)
+    transformer.load_state_dict(checkpoint_transformer(config, "distill"))  # or resumes from its own checkpoint
+    transformer.requires_grad_(True)
+    compile_blocks(transformer, config)
+    compile_blocks(teacher, config)
+    examples = RolloutTargets(model, teacher, config, torch.Generator().manual_seed(11))
+
+    def loss_fn(generator: torch.Generator) -> torch.Tensor:
+        contexts, state, sigma, target = examples.batch(generator)
+        return F.mse_loss(model.predicted_x0(state, sigma, contexts), target)
+
+    run_stage(
+        "distill_on_policy",
+        config,
+        {"transformer": transformer},
+        config.distill_on_policy_steps,
+        config.distill_on_policy_lr,
+        loss_fn,
+        log,
+        config.distill_on_policy_decay_steps,
+    )
+    save_model(model, config)
+
+
+def checkpoint_transformer(config: BootstrapConfig, stage: str) -> dict[str, torch.Tensor]:
+    """The transformer weights of `stage`'s newest checkpoint, which the stages after it start from."""
+    weights = config.stage_dir(stage) / "transformer.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the later stages need the {stage} stage's checkpoint; run it first")
+    return load_file(str(weights))
+
+
 def undistilled_teacher(transformer: ModelMixin, config: BootstrapConfig) -> ModelMixin:
     """A frozen copy of `transformer` with the pretraining stage's weights. From its checkpoint, not the model
     folder: once distillation has finished the folder holds the distilled weights, and a distillation extended to
     more steps must still learn the undistilled sampler."""
-    weights = config.stage_dir("pretrain") / "transformer.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: distillation needs the pretraining stage's checkpoint; run it first")
     teacher = copy.deepcopy(transformer).eval().requires_grad_(False)
-    teacher.load_state_dict(load_file(str(weights)))
+    teacher.load_state_dict(checkpoint_transformer(config, "pretrain"))
     return teacher
 
 
@@ -568,10 +670,17 @@ def bootstrap(
     if not (config.model_dir / "model_index.json").is_file():
         build_nano_pipeline(config.model_dir, seed=config.seed)
     (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    stage_functions = {
+        "vae": train_vae,
+        "vision": train_vision,
+        "pretrain": pretrain,
+        "distill": distill,
+        "distill_on_policy": distill_on_policy,
+    }
     for stage in stages or STAGES:
         if stages is None and stage in done:
             continue
-        {"vae": train_vae, "vision": train_vision, "pretrain": pretrain, "distill": distill}[stage](config, log)
+        stage_functions[stage](config, log)
         progress = json.loads((config.stage_dir(stage) / "step.json").read_text())
         done[stage] = {
             "seconds": progress.get("seconds"),

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import BootstrapConfig
+from dopsd.nano.bootstrap import BootstrapConfig, checkpoint_transformer
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACKS
 from dopsd.nano.world import render
@@ -152,7 +152,7 @@ def write_base_report(
     return metrics
 
 
-STAGE_STEPS = {"pretrain": 32, "distill": 4}
+STAGE_STEPS = {"pretrain": 32, "distill": 4, "distill_on_policy": 4}
 """The step count each stage's model is meant to be sampled at."""
 
 
@@ -160,8 +160,7 @@ def checkpoint_model(workdir: str | Path, stage: str) -> ZImageModel:
     """The work folder's pipeline with the transformer of `stage`'s newest checkpoint."""
     config = BootstrapConfig.from_workdir(workdir)
     model = ZImageModel.load(str(config.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
-    weights = config.stage_dir(stage) / "transformer.safetensors"
-    model.pipeline.transformer.load_state_dict(load_file(str(weights)))
+    model.pipeline.transformer.load_state_dict(checkpoint_transformer(config, stage))
     return model
 
 
