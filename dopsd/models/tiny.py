@@ -157,6 +157,21 @@ def init_pad_tokens(transformer: ZImageTransformer2DModel) -> None:
         transformer.cap_pad_token.normal_(0, 0.02)
 
 
+def vae_layout(cfg: TinyConfig) -> dict:
+    """The blocks of a tiny VAE, shared by both families' autoencoder classes."""
+    n = len(cfg.vae_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * n,
+        "up_block_types": ("UpDecoderBlock2D",) * n,
+        "block_out_channels": cfg.vae_channels,
+        "layers_per_block": 1,
+        "latent_channels": cfg.latent_channels,
+        "norm_num_groups": 8,
+    }
+
+
 def build_tiny_zimage(
     out_dir: str | Path, cfg: TinyConfig | None = None, seed: int = 0, corpus: tuple[str, ...] = ()
 ) -> Path:
@@ -181,19 +196,7 @@ def build_tiny_zimage(
         axes_lens=[256, 64, 64],
     )
     init_pad_tokens(transformer)
-    n = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=8,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-    )
+    vae = AutoencoderKL(**vae_layout(cfg), scaling_factor=1.0, shift_factor=0.0)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
@@ -229,16 +232,8 @@ def build_tiny_flux2_klein(
         rope_theta=2000,
         guidance_embeds=False,
     )
-    n = len(cfg.vae_channels)
     vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=8,
+        **vae_layout(cfg),
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
