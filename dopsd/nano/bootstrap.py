@@ -40,8 +40,6 @@ from dopsd.nano.scenes import TASKS, TRAINING_LEADS, SceneSampler
 from dopsd.nano.world import COLOURS, SHAPES, SIZES, TEXTURES, Scene, Vocabulary, relayout, render
 from dopsd.sampling import euler_sample
 
-STAGES = ("vae", "vision", "pretrain", "distill", "distill_on_policy")
-
 
 @dataclass
 class BootstrapConfig:
@@ -657,6 +655,17 @@ def save_model(model: ZImageModel, config: BootstrapConfig) -> None:
     model.teacher_encoder.save_pretrained(config.model_dir / TEACHER_ENCODER_FOLDER)
 
 
+# In the order they build on each other: each stage starts from the previous one's result.
+STAGE_FUNCTIONS: dict[str, Callable[[BootstrapConfig, Callable[[str], None]], None]] = {
+    "vae": train_vae,
+    "vision": train_vision,
+    "pretrain": pretrain,
+    "distill": distill,
+    "distill_on_policy": distill_on_policy,
+}
+STAGES = tuple(STAGE_FUNCTIONS)
+
+
 def bootstrap(
     config: BootstrapConfig, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print
 ) -> Path:
@@ -670,17 +679,10 @@ def bootstrap(
     if not (config.model_dir / "model_index.json").is_file():
         build_nano_pipeline(config.model_dir, seed=config.seed)
     (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    stage_functions = {
-        "vae": train_vae,
-        "vision": train_vision,
-        "pretrain": pretrain,
-        "distill": distill,
-        "distill_on_policy": distill_on_policy,
-    }
     for stage in stages or STAGES:
         if stages is None and stage in done:
             continue
-        stage_functions[stage](config, log)
+        STAGE_FUNCTIONS[stage](config, log)
         progress = json.loads((config.stage_dir(stage) / "step.json").read_text())
         done[stage] = {
             "seconds": progress.get("seconds"),
