@@ -13,8 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import BootstrapConfig, checkpoint_transformer
@@ -32,15 +32,16 @@ from evaluation.suite import labelled_grid, seed_columns
 
 def base_metrics(
     model_dir: str | Path,
-    undistilled_weights: str | Path,
+    undistilled_transformer: dict[str, torch.Tensor],
     prompts: str | Path,
     detector: Detector,
     seeds: Sequence[int] = (0, 1, 2),
     guidance: float = 0.0,
     grids: Path | None = None,
 ) -> dict:
-    """`guidance`: the undistilled model's classifier-free guidance (the distilled model samples without).
-    `grids`: a folder for each pack's premise samples, `premise_<pack>.png`."""
+    """`undistilled_transformer`: the pretraining stage's weights, scored at 4 and 32 steps beside the distilled
+    model of `model_dir`. `guidance`: the undistilled model's classifier-free guidance (the distilled model samples
+    without). `grids`: a folder for each pack's premise samples, `premise_<pack>.png`."""
     model = ZImageModel.load(str(model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
     records = read_metadata(prompts)
     results: dict[str, dict] = {}
@@ -59,7 +60,7 @@ def base_metrics(
         )
         for pack in PACKS
     ]
-    model.pipeline.transformer.load_state_dict(load_file(str(undistilled_weights)))
+    model.pipeline.transformer.load_state_dict(undistilled_transformer)
     score("undistilled@4", 4, guidance)
     score("undistilled@32", 32, guidance)
     return {
@@ -141,11 +142,12 @@ def write_base_report(
     seeds: Sequence[int] = (0, 1, 2),
 ) -> dict:
     config = BootstrapConfig.from_workdir(workdir)
-    weights = config.stage_dir("pretrain") / "transformer.safetensors"
     out = Path(out)
     grids = out.parent / f"{out.stem}_grids"
     grids.mkdir(parents=True, exist_ok=True)
-    metrics = base_metrics(config.model_dir, weights, prompts, detector, seeds, config.guidance, grids)
+    metrics = base_metrics(
+        config.model_dir, checkpoint_transformer(config, "pretrain"), prompts, detector, seeds, config.guidance, grids
+    )
     bootstrap = json.loads((Path(workdir) / "done.json").read_text())
     out.write_text(render_markdown(metrics, command, bootstrap, grids.name))
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
