@@ -6,7 +6,7 @@ preset's steps, lr and LoRA rank; optional replay of base-world renders):
 - `sft`: flow-matching fine-tuning on the pack;
 - `dopsd`: D-OPSD with the EMA teacher (the method);
 - `dopsd-base-teacher`: the frozen base as teacher (ablation);
-- `dopsd-grad1`: gradient through one random roll-out state per step instead of all four (ablation).
+- `dopsd-grad1`: loss and backward at one random roll-out state per step instead of every trained one (ablation).
 - `dopsd-reference-guided`: the teacher with reference guidance w = 1 (`teacher_guidance`; variant).
 Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts and noise (the evaluation
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
