@@ -75,7 +75,10 @@ def test_every_prompt_of_a_seed_starts_from_its_own_noise(tiny_zimage_path):
     contexts = model.encode_student(["a photo of a circle"] * 3)
     together = [np.asarray(im) for im in sample_images(model, contexts, [0, 1], 2, 32)]
     one_by_one = [np.asarray(im) for im in sample_images(model, contexts, [0, 1], 2, 32, batch=1)]
-    assert all(np.array_equal(a, b) for a, b in zip(together, one_by_one, strict=True))  # batching changes nothing
+    # Batching changes nothing but float rounding (a batch of 6 and of 1 may take different CPU kernels): at most a
+    # level or two of 255, where another noise moves pixels by tens.
+    differences = [np.abs(a.astype(np.int16) - b).max() for a, b in zip(together, one_by_one, strict=True)]
+    assert max(differences) <= 2, differences
     # context-major: images 0, 2, 4 are the same prompt at seed 0, in three positions of the prompt list
     assert not np.array_equal(together[0], together[2]) and not np.array_equal(together[2], together[4])
 
