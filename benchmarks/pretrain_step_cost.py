@@ -33,10 +33,10 @@ from dopsd.nano.bootstrap import (
     BootstrapConfig,
     LatentPool,
     WorldStream,
-    contexts_for,
     flow_matching_loss,
     load_training_model,
     machine_description,
+    pretraining_batch,
 )
 
 
@@ -59,15 +59,13 @@ def main() -> None:
     model = load_training_model(config)
     transformer = model.pipeline.transformer.requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-5)
-    stream = WorldStream(0)
     batches = [int(b) for b in args.batches.split(",")]
+    stream = WorldStream(config.seed + 2, config.task_weights)
     pool = LatentPool(model, stream, max(max(batches) * 2, 512), config.pool_refresh)
     generator = torch.Generator().manual_seed(0)
 
     def data(batch: int):
-        items, latents = pool.batch(batch)
-        contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng, config.caption_dropout)
-        return latents, contexts
+        return pretraining_batch(model, pool, config, batch)
 
     def step(batch: int) -> None:
         latents, contexts = data(batch)

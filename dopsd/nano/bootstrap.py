@@ -427,17 +427,25 @@ def compile_blocks(transformer: ModelMixin, config: BootstrapConfig) -> None:
         transformer.compile_repeated_blocks(dynamic=True)
 
 
+def pretraining_batch(
+    model: ZImageModel, pool: LatentPool, config: BootstrapConfig, size: int
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """A pretraining batch from the pool: its target latents and each item's context (caption, empty prompt, or
+    [reference + caption])."""
+    items, latents = pool.batch(size)
+    stream = pool.stream
+    return latents, contexts_for(model, items, stream, config.image_context_prob, stream.rng, config.caption_dropout)
+
+
 def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
     model = load_training_model(config)
     transformer = model.pipeline.transformer
     transformer.requires_grad_(True)
     compile_blocks(transformer, config)
-    stream = WorldStream(config.seed + 2, config.task_weights)
-    pool = LatentPool(model, stream, config.pool_size, config.pool_refresh)
+    pool = LatentPool(model, WorldStream(config.seed + 2, config.task_weights), config.pool_size, config.pool_refresh)
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        items, latents = pool.batch(config.pretrain_batch)
-        contexts = contexts_for(model, items, stream, config.image_context_prob, stream.rng, config.caption_dropout)
+        latents, contexts = pretraining_batch(model, pool, config, config.pretrain_batch)
         return flow_matching_loss(model, latents, contexts, generator)
 
     run_stage(
