@@ -213,6 +213,10 @@ def nano_bootstrap(
     on_policy_steps: Annotated[int | None, typer.Option(help="On-policy distillation steps.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     device: Annotated[str, typer.Option(help="cuda or cpu (default: cuda when available).")] = "",
+    data_workers: Annotated[
+        int,
+        typer.Option(help="Processes preparing pretraining batches (0: the training process; on a GPU: ~cores - 2)."),
+    ] = 0,
     compile_blocks: Annotated[
         bool, typer.Option("--compile/--no-compile", help="Compile the transformer's repeated blocks.")
     ] = True,
@@ -231,7 +235,14 @@ def nano_bootstrap(
         "distill_on_policy": on_policy_steps,
     }
     chosen: dict[str, Any] = {f"{k}_steps": v for k, v in steps.items() if v is not None}
-    config = BootstrapConfig(workdir=str(workdir), threads=threads, device=device, compile=compile_blocks, **chosen)
+    config = BootstrapConfig(
+        workdir=str(workdir),
+        threads=threads,
+        device=device,
+        data_workers=data_workers,
+        compile=compile_blocks,
+        **chosen,
+    )
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")

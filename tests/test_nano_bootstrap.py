@@ -110,6 +110,40 @@ def test_on_policy_examples_are_the_students_states_with_the_teachers_endpoint_f
     torch.testing.assert_close(targets[last], expected)
 
 
+def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, tiny_nano_bootstrap):
+    import shutil
+
+    import numpy as np
+
+    from dopsd.nano.bootstrap import LatentPool, WorldStream, pretraining_batch, pretraining_batches
+
+    config = BootstrapConfig.from_workdir(tiny_nano_bootstrap.workdir, data_workers=1)
+    model = load_training_model(config)
+    batches = pretraining_batches(model, config, 4)
+    from_worker = [next(batches) for _ in range(2)]
+    batches.close()
+    # The worker's batches are those of its stream, unpacked into one context per item on the model's device.
+    stream = WorldStream(np.random.SeedSequence(config.seed + 2).spawn(1)[0], config.task_weights)
+    pool = LatentPool(model, stream, config.pool_size, config.pool_refresh)
+    for latents, contexts in from_worker:
+        expected_latents, expected_contexts = pretraining_batch(model, pool, config, 4)
+        torch.testing.assert_close(latents, expected_latents)
+        assert len(contexts) == 4
+        for context, expected in zip(contexts, expected_contexts, strict=True):
+            torch.testing.assert_close(context["cap_feats"], expected["cap_feats"])
+
+    # Two workers draw from two streams, and the pretraining stage runs on their batches (in a copy of the folder).
+    shutil.copytree(config.workdir, tmp_path / "boot")
+    two = BootstrapConfig.from_workdir(tmp_path / "boot", data_workers=2, pretrain_steps=config.pretrain_steps + 1)
+    batches = pretraining_batches(model, two, 4)
+    first, second = next(batches)[0], next(batches)[0]
+    batches.close()
+    assert not torch.allclose(first, second)
+    logs: list[str] = []
+    bootstrap(two, stages=("pretrain",), log=logs.append)
+    assert f"pretrain: step {two.pretrain_steps}/{two.pretrain_steps}" in " ".join(logs)
+
+
 def test_caption_dropout_gives_the_empty_prompt_to_caption_only_samples(tiny_nano_bootstrap):
     import numpy as np
 

@@ -16,11 +16,12 @@ Z-Image's Qwen3-VL would arrive pretrained.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -87,6 +88,11 @@ class BootstrapConfig:
     """Pretraining items kept encoded in memory."""
     pool_refresh: int = 8
     """Pool items replaced by fresh ones each step."""
+    data_workers: int = 0
+    """Worker processes preparing pretraining batches on their CPU (rendering, the VL processor, the frozen
+    encoders), each with its own share of the pool and its own stream. 0: prepared in the training process on its
+    device, as the committed base was. On an H200 with 16 cores, 14 workers took a batch of 64 from 0.33 s a step
+    to 0.12 s (8.1 steps/s; 2 CPU cores: ~1 s); `benchmarks/pretrain_step_cost.py`."""
     task_weights: tuple[float, ...] | None = None
     """Relative frequency of each GenEval task family (single_object, two_object, counting, colors, position,
     color_attr) among the task scenes of pretraining and distillation (half their items; the rest are free
@@ -237,7 +243,7 @@ class WorldStream:
     with training phrasing only ("a photo of" is kept for held-out prompts). `task_weights` (one per family of
     `TASKS`, relative) sets how often each family's scenes are drawn; equal by default."""
 
-    def __init__(self, seed: int, task_weights: tuple[float, ...] | None = None):
+    def __init__(self, seed: int | np.random.SeedSequence, task_weights: tuple[float, ...] | None = None):
         self.rng = np.random.default_rng(seed)
         self.sampler = SceneSampler(Vocabulary(), self.rng)
         self.task_probs = None if task_weights is None else task_probabilities(task_weights)
@@ -437,15 +443,62 @@ def pretraining_batch(
     return latents, contexts_for(model, items, stream, config.image_context_prob, stream.rng, config.caption_dropout)
 
 
+class WorkerBatches(torch.utils.data.IterableDataset):
+    """Endless pretraining batches made in a DataLoader worker, from the worker's own CPU copy of the model (its
+    frozen encoders and VAE), its share of the pool and its own stream. A batch's caption features travel as one
+    tensor and their lengths: one shared-memory handle instead of one per item."""
+
+    def __init__(self, config: BootstrapConfig, size: int):
+        self.config, self.size = config, size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            raise RuntimeError("WorkerBatches runs in DataLoader workers (data_workers > 0)")
+        torch.set_num_threads(1)
+        config = self.config
+        model = ZImageModel.load(str(config.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
+        seed = np.random.SeedSequence(config.seed + 2).spawn(worker.num_workers)[worker.id]
+        stream = WorldStream(seed, config.task_weights)
+        pool = LatentPool(model, stream, config.pool_size // worker.num_workers, config.pool_refresh)
+        while True:
+            latents, contexts = pretraining_batch(model, pool, config, self.size)
+            features = [c["cap_feats"] for c in contexts]
+            yield latents, torch.cat(features), torch.tensor([len(f) for f in features])
+
+
+def pretraining_batches(
+    model: ZImageModel, config: BootstrapConfig, size: int
+) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
+    """Endless pretraining batches on the model's device: from the training process's own pool (built now, so a bad
+    task mix fails before training), or from `config.data_workers` worker processes (started now)."""
+    if config.data_workers == 0:
+        pool = LatentPool(
+            model, WorldStream(config.seed + 2, config.task_weights), config.pool_size, config.pool_refresh
+        )
+        return (pretraining_batch(model, pool, config, size) for _ in itertools.count())
+    loader = torch.utils.data.DataLoader(
+        WorkerBatches(config, size), batch_size=None, num_workers=config.data_workers, prefetch_factor=4
+    )
+    return (unpack_worker_batch(model, *packed) for packed in loader)
+
+
+def unpack_worker_batch(
+    model: ZImageModel, latents: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """A worker's batch on the model's device, one context per item."""
+    return latents.to(model.device), [{"cap_feats": f} for f in features.to(model.device).split(lengths.tolist())]
+
+
 def pretrain(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
     model = load_training_model(config)
     transformer = model.pipeline.transformer
     transformer.requires_grad_(True)
     compile_blocks(transformer, config)
-    pool = LatentPool(model, WorldStream(config.seed + 2, config.task_weights), config.pool_size, config.pool_refresh)
+    batches = pretraining_batches(model, config, config.pretrain_batch)
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
-        latents, contexts = pretraining_batch(model, pool, config, config.pretrain_batch)
+        latents, contexts = next(batches)
         return flow_matching_loss(model, latents, contexts, generator)
 
     run_stage(
