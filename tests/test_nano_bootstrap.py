@@ -14,6 +14,7 @@ from dopsd.nano.bootstrap import (
     RolloutTargets,
     bootstrap,
     load_training_model,
+    machine_description,
     teacher_sample,
     undistilled_teacher,
 )
@@ -28,7 +29,8 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     initial_tower = load_file(str(config.model_dir / "teacher_encoder" / "model.safetensors"))
     bootstrap(config, stages=("vision", "pretrain"), log=logs.append)
     done = json.loads((tmp_path / "boot" / "done.json").read_text())
-    assert list(done) == ["vae", "vision", "pretrain"] and "CPU" in done["vae"]["machine"]
+    assert list(done) == ["vae", "vision", "pretrain"]
+    assert done["vae"]["machine"] == machine_description(config.torch_device, config.threads)  # CPU or GPU
     tower = load_file(str(config.model_dir / "teacher_encoder" / "model.safetensors"))
     assert any(not torch.equal(initial_tower[k], tower[k]) for k in tower if ".visual." in k)  # the vision stage
     vae_config = json.loads((config.model_dir / "vae" / "config.json").read_text())
@@ -117,7 +119,8 @@ def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, t
 
     from dopsd.nano.bootstrap import LatentPool, WorldStream, pretraining_batch, pretraining_batches
 
-    config = BootstrapConfig.from_workdir(tiny_nano_bootstrap.workdir, data_workers=1)
+    # On the CPU, where the workers compute: the same kernels, so the same numbers.
+    config = BootstrapConfig.from_workdir(tiny_nano_bootstrap.workdir, data_workers=1, device="cpu")
     model = load_training_model(config)
     batches = pretraining_batches(model, config, 4)
     from_worker = [next(batches) for _ in range(2)]
@@ -139,6 +142,8 @@ def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, t
     first, second = next(batches)[0], next(batches)[0]
     batches.close()
     assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="leaves 8 items each, fewer than a batch of 9"):
+        pretraining_batches(model, two, 9)
     logs: list[str] = []
     bootstrap(two, stages=("pretrain",), log=logs.append)
     assert f"pretrain: step {two.pretrain_steps}/{two.pretrain_steps}" in " ".join(logs)

@@ -477,6 +477,12 @@ def pretraining_batches(
             model, WorldStream(config.seed + 2, config.task_weights), config.pool_size, config.pool_refresh
         )
         return (pretraining_batch(model, pool, config, size) for _ in itertools.count())
+    share = config.pool_size // config.data_workers
+    if share < size:
+        raise ValueError(
+            f"pool_size {config.pool_size} over {config.data_workers} data workers leaves {share} items each, fewer "
+            f"than a batch of {size}: raise pool_size to at least {size * config.data_workers}"
+        )
     loader = torch.utils.data.DataLoader(
         WorkerBatches(config, size), batch_size=None, num_workers=config.data_workers, prefetch_factor=4
     )
