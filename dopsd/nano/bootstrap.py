@@ -21,7 +21,7 @@ import json
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -469,9 +469,10 @@ class WorkerBatches(torch.utils.data.IterableDataset):
 
 def pretraining_batches(
     model: ZImageModel, config: BootstrapConfig, size: int
-) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
+) -> Generator[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]:
     """Endless pretraining batches on the model's device: from the training process's own pool (built now, so a bad
-    task mix fails before training), or from `config.data_workers` worker processes (started now)."""
+    task mix fails before training), or from `config.data_workers` worker processes (started now; `close()` stops
+    them)."""
     if config.data_workers == 0:
         pool = LatentPool(
             model, WorldStream(config.seed + 2, config.task_weights), config.pool_size, config.pool_refresh
