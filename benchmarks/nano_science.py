@@ -8,7 +8,8 @@ preset's steps, lr and LoRA rank; optional replay of base-world renders):
 - `dopsd-base-teacher`: the frozen base as teacher (ablation);
 - `dopsd-grad1`: loss and backward at one random roll-out state per step instead of every trained one (ablation);
   `dopsd-base-teacher-grad1` both (for continual rounds, where the frozen base teaches).
-- `dopsd-reference-guided`: the teacher with reference guidance w = 1 (`teacher_guidance`; variant).
+- `dopsd-reference-guided`: the teacher with reference guidance w = 1 (`teacher_guidance`; variant);
+  `dopsd-base-teacher-reference-guided` the frozen base so guided (for continual rounds).
 Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts and noise (the evaluation
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
 base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
@@ -70,6 +71,7 @@ ARMS: dict[str, dict] = {
     "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
     "dopsd-base-teacher-grad1": {"method": "dopsd", "teacher": "base", "grad_steps": 1},
     "dopsd-reference-guided": {"method": "dopsd", "teacher_guidance": 1.0},
+    "dopsd-base-teacher-reference-guided": {"method": "dopsd", "teacher": "base", "teacher_guidance": 1.0},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
