@@ -58,7 +58,7 @@ from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
-from evaluation.nano.premise import teacher_premise
+from evaluation.nano.premise import concept_leak, teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
@@ -93,6 +93,7 @@ METRICS = {
 BASE = "base"
 BASE_RECORD = "base.json"
 """In the work folder: the base its rounds were trained from and its scores measured on."""
+PACK_BY_NAME = {pack.name: pack for pack in PACKS}
 PREMISE_METRICS = ("teacher_concept", "teacher_accuracy")
 """Teacher-premise figures tracked through the continual run: the concept drawn, the whole prompt right."""
 
@@ -320,18 +321,37 @@ class Evaluation:
         digests = adapter_digests(adapters)
         if report_file.is_file() and digests_file.is_file():
             report = SuiteReport.read(report_file)
-            if report.models == adapters and report.config == suite and json.loads(digests_file.read_text()) == digests:
+            same = report.models == adapters and report.config == suite
+            if same and json.loads(digests_file.read_text()) == digests and verdicts_record_objects(out, report):
                 return report
         model = load_model(self.config.model, max_caption_tokens=NANO_CAPTION_TOKENS, with_teacher_encoder=False)
         report = run_suite(model, adapters, prompt_sets, self.evaluators, suite, out)
         digests_file.write_text(json.dumps(digests, indent=1))
         return report
 
-    @staticmethod
-    def pack_metrics(pack: str, report: SuiteReport, model: str) -> dict[str, float | None]:
+    def leaks(self, name: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
+        """`leak-<pack>` for every pack: the share of the model's retention samples (base prompts, none naming a
+        pack's concept) that show the pack's concept, read from the suite run's verdicts (`concept_leak`)."""
+        verdicts = report.verdicts.get(f"{self.retention.name}/{model}")
+        rows = (
+            [json.loads(line) for line in (self.folder(name, steps) / verdicts).read_text().splitlines()]
+            if verdicts
+            else []
+        )
+        return {f"leak-{pack}": concept_leak(PACK_BY_NAME[pack], rows) for pack in self.config.names("packs")}
+
+    def pack_metrics(self, pack: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
         """The reported metrics of one model in a pack's suite run (the concept set is named after its pack)."""
         values = report.metrics[model]
-        return {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
+        metrics = {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
+        return metrics | {"leak": self.leaks(pack, report, steps, model)[f"leak-{pack}"]}
+
+
+def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:
+    """Whether the suite run's verdicts record the objects they found: older ones do not, and cannot give a leak, so
+    their run is sampled again."""
+    firsts = [(folder / path).read_text().partition("\n")[0] for path in report.verdicts.values()]
+    return all("found" in json.loads(line) for line in firsts if line)
 
 
 def composed_adapter(folders: list[str], output: Path) -> str:
@@ -379,8 +399,8 @@ def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) ->
             results["grids"] = evaluation.grids(pack, report, steps)
         for arm in [BASE, *config.names("arms")]:
             models = [BASE] if arm == BASE else [f"{arm}-s{seed}" for seed in config.numbers("seeds")]
-            per_seed = [evaluation.pack_metrics(pack, report, m) for m in models]
-            for key in METRICS:
+            per_seed = [evaluation.pack_metrics(pack, report, steps, m) for m in models]
+            for key in per_seed[0]:
                 results["metrics"].setdefault(key, {}).setdefault(arm, {})[steps] = spread([v[key] for v in per_seed])
     return results
 
@@ -413,11 +433,13 @@ def continual_study(
     sets = [evaluation.retention, *evaluation.concepts.values()]
     report = evaluation.run("continual", adapters, sets, config.deployed_steps)
     grids = evaluation.grids("continual", report, config.deployed_steps)
-    tracked = [f"concept-{p}/geneval/overall" for p in packs] + [METRICS["retention"]]
-    results: dict = {BASE: {after: {m: spread([report.metrics[BASE][m]]) for m in tracked} for after in packs}}
+    tracked = [f"concept-{p}/geneval/overall" for p in packs] + [METRICS["retention"]] + [f"leak-{p}" for p in packs]
+    steps = config.deployed_steps
+    metrics = {name: report.metrics[name] | evaluation.leaks("continual", report, steps, name) for name in adapters}
+    results: dict = {BASE: {after: {m: spread([metrics[BASE][m]]) for m in tracked} for after in packs}}
     for arm in config.names("continual_arms"):
         results[arm] = {
-            after: {m: spread([report.metrics[f"{arm}-s{s}-after-{after}"][m] for s in seeds]) for m in tracked}
+            after: {m: spread([metrics[f"{arm}-s{s}-after-{after}"][m] for s in seeds]) for m in tracked}
             for after in packs
         }
     return results, grids, adapters
@@ -428,7 +450,6 @@ def premise_under(config: ScienceConfig, evaluation: Evaluation, adapters: dict[
     caller can keep what is done. The model, with its teacher encoder, is loaded only if there is work."""
     if not adapters:
         return
-    packs = {pack.name: pack for pack in PACKS}
     model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
     for name, path in adapters.items():
         if path is not None:
@@ -437,7 +458,7 @@ def premise_under(config: ScienceConfig, evaluation: Evaluation, adapters: dict[
             premise = {
                 pack: teacher_premise(
                     model,
-                    packs[pack],
+                    PACK_BY_NAME[pack],
                     evaluation.evaluators.detector,
                     seeds=range(config.eval_images),
                     prompts=config.continual_premise,
@@ -538,7 +559,7 @@ def plot_continual(continual: dict, path: Path) -> Path:
             values = [continual[BASE][rounds[0]][metric]] + [continual[arm][r][metric] for r in rounds]
             errorbars(axis, list(range(len(values))), values, metric.split("/")[0])
         axis.set_xticks(range(len(rounds) + 1), labels=[BASE] + [f"after {r}" for r in rounds])
-        axis.set(ylabel="GenEval-nano accuracy", title=f"continual: {arm}", ylim=(-0.02, 1.02))
+        axis.set(ylabel="share of samples", title=f"continual: {arm}", ylim=(-0.02, 1.02))
         axis.legend(fontsize=7)
     return save_figure(figure, path)
 
@@ -559,16 +580,17 @@ def render_markdown(results: dict) -> str:
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "
-        f"{config['reference_images']} world renders.",
+        f"{config['reference_images']} world renders. Leak: share of the retention samples showing a pack's concept "
+        "(no base prompt names it).",
         "",
         f"## At {deployed} steps (the deployed setting)",
         "",
-        "| pack | model | concept accuracy | retention | FID-nano | CLIPScore-nano | round seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| pack | model | concept accuracy | leak | retention | FID-nano | CLIPScore-nano | round seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for pack, study in results["packs"].items():
         for arm in arms:
-            values = [shown(study["metrics"][key][arm][deployed]) for key in ("concept", "retention")]
+            values = [shown(study["metrics"][key][arm][deployed]) for key in ("concept", "leak", "retention")]
             values += [
                 shown(study["metrics"]["fid"][arm][deployed], 1),
                 shown(study["metrics"]["clipscore"][arm][deployed]),

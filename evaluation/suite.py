@@ -27,8 +27,15 @@ from dopsd.sampling import image_grid, sample_images
 from evaluation.clip import ClipModel, clip_score
 from evaluation.fid import FrechetDistance
 from evaluation.fidelity import ImageEmbedder, target_similarity
-from evaluation.geneval.detection import Detector
-from evaluation.geneval.rules import ColourClassifier, Verdict, aggregate, detector_colours, evaluate_image
+from evaluation.geneval.detection import Detection, Detector
+from evaluation.geneval.rules import (
+    ColourClassifier,
+    Verdict,
+    aggregate,
+    detector_colours,
+    evaluate_image,
+    keep_detections,
+)
 
 
 @dataclass
@@ -99,7 +106,7 @@ class SuiteReport:
     grids: dict[str, str] = field(default_factory=dict)
     """Prompt set -> PNG grid file (relative to the report's folder)."""
     verdicts: dict[str, str] = field(default_factory=dict)
-    """`<set>/<model>` -> JSONL of per-image GenEval verdicts (relative to the report's folder)."""
+    """`<set>/<model>` -> JSONL of per-image GenEval verdicts (`verdict_row`), relative to the report's folder."""
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -127,6 +134,17 @@ class SampleScores:
     """First-seed samples of the prompts the grid shows."""
 
 
+def verdict_row(
+    image: Image.Image, detections: Sequence[Detection], record: dict, seed: int, classify_colour: ColourClassifier
+) -> dict:
+    """One image's line in the verdicts JSONL: its prompt and seed, the GenEval verdict, and the objects the rules
+    kept (`found`: class, and the colour and texture the detector read, None where it reads none)."""
+    verdict = evaluate_image(image, detections, record, classify_colour)
+    kept = keep_detections(detections, record["tag"]).values()
+    found = [{"cls": d.cls, "colour": d.colour, "texture": d.texture} for group in kept for d in group]
+    return {"prompt": record["prompt"], "seed": seed, **dataclasses.asdict(verdict), "found": found}
+
+
 def score_batch(
     scores: SampleScores,
     images: list[Image.Image],
@@ -141,8 +159,7 @@ def score_batch(
         for image, detections, record, seed in zip(
             images, evaluators.detector.detect(images), records, seeds, strict=True
         ):
-            verdict = evaluate_image(image, detections, record, evaluators.colour_classifier)
-            scores.verdicts.append({"prompt": record["prompt"], "seed": seed, **dataclasses.asdict(verdict)})
+            scores.verdicts.append(verdict_row(image, detections, record, seed, evaluators.colour_classifier))
     if evaluators.clip is not None:
         scores.clip_scores += clip_score(evaluators.clip, images, [r["prompt"] for r in records]).tolist()
     if evaluators.fid is not None:

@@ -59,11 +59,24 @@ def foreground_centre(image: Image.Image) -> np.ndarray:
     return np.array([xs.mean(), ys.mean()])
 
 
+CONCEPT_FIELD = {"shape": "cls", "colour": "colour", "texture": "texture"}
+"""Pack kind -> the detection field carrying its concept (also the key of an object in a suite verdict's `found`)."""
+
+
 def shows_concept(pack: ConceptPack, detections: Sequence[Detection], tag: str) -> bool:
     """Whether a detection the GenEval rules would keep for a `tag` prompt carries the pack's concept."""
-    attribute = {"shape": "cls", "colour": "colour", "texture": "texture"}[pack.kind]
     kept = keep_detections(detections, tag).values()
-    return any(getattr(detection, attribute) == pack.word for found in kept for detection in found)
+    return any(getattr(detection, CONCEPT_FIELD[pack.kind]) == pack.word for found in kept for detection in found)
+
+
+def concept_leak(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
+    """Share of suite verdict rows (`evaluation.suite`, prompts that do not name the pack's concept) whose kept
+    objects carry the concept: a concept learnt as "draw it whatever the prompt" leaks onto prompts that never asked
+    for it, and takes their objects' place. None when the rows do not record their objects."""
+    if not verdicts or any("found" not in row for row in verdicts):
+        return None
+    field = CONCEPT_FIELD[pack.kind]
+    return float(np.mean([any(o[field] == pack.word for o in row["found"]) for row in verdicts]))
 
 
 def concept_share(pack: ConceptPack, detections: Sequence[Sequence[Detection]], records: Sequence[dict]) -> float:
