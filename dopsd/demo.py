@@ -2,11 +2,13 @@
 
 `run_nano_demo` teaches the nano base a concept pack's new word and scores base and adapter at the deployed 4
 steps on the same prompts and noise: the concept's accuracy (did it learn?) and retention on held-out base prompts
-(did it keep what it knew?), with side-by-side grids.
+(did it keep what it knew?), and how often the concept is drawn on those base prompts, which never name it (did it
+learn the word, or to draw the concept whatever the prompt?), with side-by-side grids.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,8 @@ def run_nano_demo(
     """`overrides`: training config fields set over the `nano` preset (how the preset was tuned)."""
     from dopsd.models import load_model
     from dopsd.nano.model import NANO_RESOLUTION
+    from dopsd.nano.packs import PACKS
+    from evaluation.nano.premise import concept_leak
     from evaluation.networks import NetworkPaths, load_networks
     from evaluation.prompt_sets import read_images, read_prompts, retention_set
     from evaluation.suite import PromptSet, SuiteConfig, run_suite
@@ -54,8 +58,15 @@ def run_nano_demo(
         suite,
         workdir / "eval",
     )
+    known = {p.name: p for p in PACKS}
     for name, values in report.metrics.items():
         concept, retention = values["concept/geneval/overall"], values["retention/geneval/overall"]
-        yield f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano)"
+        rows = (workdir / "eval" / report.verdicts[f"retention/{name}"]).read_text().splitlines()
+        leak = concept_leak(known[pack], [json.loads(row) for row in rows]) if pack in known else None
+        drawn = f"{leak:.3f} of the base prompts' samples" if leak is not None else "not measured (no nano concept)"
+        yield (
+            f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano); "
+            f"{pack} drawn on {drawn}"
+        )
     for prompt_set, grid in report.grids.items():
         yield f"samples, base | dopsd: {workdir / 'eval' / grid} ({prompt_set})"

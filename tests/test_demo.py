@@ -29,7 +29,9 @@ def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_boo
     shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal", "--set", "teacher=base", "--set=steps=2")
     assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps" in shown
     for name in ("base", "dopsd"):
-        assert f"{name} at 4 steps: teal accuracy " in shown
+        line = next(line for line in shown.splitlines() if line.startswith(f"{name} at 4 steps: teal accuracy "))
+        drawn = float(line.split("teal drawn on ")[1].split()[0])
+        assert 0 <= drawn <= 1 and line.endswith("of the base prompts' samples")
     assert (tmp_path / "round" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     trained = json.loads((tmp_path / "round" / "config.json").read_text())
     assert (trained["lr"], trained["teacher"], trained["ema_decay"]) == (2e-4, "base", make_config("nano").ema_decay)
