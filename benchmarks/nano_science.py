@@ -53,7 +53,7 @@ from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACKS, write_landing_folder
+from dopsd.nano.packs import PACK_BY_NAME, write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
@@ -93,7 +93,6 @@ METRICS = {
 BASE = "base"
 BASE_RECORD = "base.json"
 """In the work folder: the base its rounds were trained from and its scores measured on."""
-PACK_BY_NAME = {pack.name: pack for pack in PACKS}
 PREMISE_METRICS = ("teacher_concept", "teacher_accuracy")
 """Teacher-premise figures tracked through the continual run: the concept drawn, the whole prompt right."""
 

@@ -29,7 +29,7 @@ def run_nano_demo(
     """`overrides`: training config fields set over the `nano` preset (how the preset was tuned)."""
     from dopsd.models import load_model
     from dopsd.nano.model import NANO_RESOLUTION
-    from dopsd.nano.packs import PACKS
+    from dopsd.nano.packs import PACK_BY_NAME
     from evaluation.nano.premise import concept_leak
     from evaluation.networks import NetworkPaths, load_networks
     from evaluation.prompt_sets import read_images, read_prompts, retention_set
@@ -58,11 +58,10 @@ def run_nano_demo(
         suite,
         workdir / "eval",
     )
-    known = {p.name: p for p in PACKS}
     for name, values in report.metrics.items():
         concept, retention = values["concept/geneval/overall"], values["retention/geneval/overall"]
         rows = (workdir / "eval" / report.verdicts[f"retention/{name}"]).read_text().splitlines()
-        leak = concept_leak(known[pack], [json.loads(row) for row in rows]) if pack in known else None
+        leak = concept_leak(PACK_BY_NAME[pack], [json.loads(row) for row in rows]) if pack in PACK_BY_NAME else None
         drawn = f"{leak:.3f} of the base prompts' samples" if leak is not None else "not measured (no nano concept)"
         yield (
             f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano); "

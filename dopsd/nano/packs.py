@@ -39,6 +39,7 @@ PACKS = (
     ConceptPack("teal", "colour", "teal"),
     ConceptPack("striped", "texture", "striped"),
 )
+PACK_BY_NAME = {pack.name: pack for pack in PACKS}
 
 
 def _concept_spec(pack: ConceptPack, rng: np.random.Generator, colour: str | None = None) -> dict:
