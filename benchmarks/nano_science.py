@@ -53,7 +53,7 @@ from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACK_BY_NAME, write_landing_folder
+from dopsd.nano.packs import PACK_BY_NAME, write_counterfactuals, write_landing_folder
 from dopsd.nano.scenes import iterate_items
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
@@ -131,6 +131,10 @@ class ScienceConfig:
     continual_arms: str = "sft,dopsd,dopsd-base-teacher"
     """Comma-separated arms of the continual run, each optionally suffixed `+replay`, `+lwf` or `+compose` (empty: no
     continual run)."""
+    counterfactual_ratio: float = 0.0
+    """Share of each batch a pack's round draws from counterfactuals of that pack (fresh pack scenes with the concept
+    swapped for a base attribute, captions without the word; `dopsd.nano.packs.counterfactual`), taught as the pack
+    is: negatives against the concept's leak (0: none)."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data (pooled with the
     world renders when replay_ratio is set, the two shares added)."""
@@ -173,9 +177,11 @@ def check(config: ScienceConfig) -> dict:
         for a in config.names("arms")
         if split_arm(a)[1] == "+lwf" and config.replay_ratio <= 0
     ]
-    if not 0 <= config.replay_ratio + config.continual_replay < 1:
+    shares = (config.replay_ratio, config.continual_replay, config.counterfactual_ratio)
+    if min(shares) < 0 or sum(shares) >= 1:
         problems.append(
-            f"replay_ratio + continual_replay must be in [0, 1), got {config.replay_ratio} + {config.continual_replay}"
+            "replay_ratio, continual_replay and counterfactual_ratio must be >= 0 and sum to less than 1, got "
+            + " + ".join(map(str, shares))
         )
     if config.continual_lr < 0:
         problems.append(f"continual_lr must be >= 0 (0: the preset's), got {config.continual_lr}")
@@ -227,6 +233,13 @@ def replay_folder(config: ScienceConfig) -> str:
     return str(folder)
 
 
+def counterfactual_folder(config: ScienceConfig, pack: str) -> str:
+    folder = Path(config.workdir) / "counterfactual" / pack
+    if not folder.is_dir():
+        write_counterfactuals(PACK_BY_NAME[pack], folder)
+    return str(folder)
+
+
 def round_config(
     config: ScienceConfig,
     arm: str,
@@ -243,6 +256,9 @@ def round_config(
     if suffix and earlier:
         replay += [str(Path(config.world) / "packs" / p) for p in earlier]
         ratio += config.continual_replay
+    if config.counterfactual_ratio > 0:
+        replay.append(counterfactual_folder(config, pack))
+        ratio += config.counterfactual_ratio
     replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
     return make_config(
@@ -575,7 +591,8 @@ def render_markdown(results: dict) -> str:
         f"Base: `{results['base']['model']}` (transformer sha256 {results['base']['transformer'][:12]}).",
         "",
         f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm; training seeds "
-        f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}. Evaluation: "
+        f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
+        f"counterfactual ratio {config['counterfactual_ratio']}. Evaluation: "
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "

@@ -48,6 +48,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--round-batch=2",
         "--replay-ratio=0.25",
         "--replay-images=4",
+        "--counterfactual-ratio=0.125",
         "--eval-steps=1,4",
         "--eval-images=1",
         "--reference-images=8",
@@ -58,10 +59,12 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         f"--out={out}",
     ]
     wrong = ["--arms=sft,dpo,dopsd+lwf,sft+compose", "--replay-ratio=0", "--packs=star,nothing", "--continual-lr=-1"]
+    wrong += ["--counterfactual-ratio=0.7"]
     bad = refusal(*options, *wrong)
     assert "unknown arm 'dpo'" in bad and "packs/nothing_prompts.jsonl is missing" in bad
     assert "arm 'dopsd+lwf' distils replayed base-world renders, but --replay-ratio is 0" in bad
     assert "continual_lr must be >= 0" in bad
+    assert "and counterfactual_ratio must be >= 0 and sum to less than 1, got 0.0 + 0.375 + 0.7" in bad
     assert "arm 'sft+compose': +compose composes the rounds of the continual run, not of one pack" in bad
     assert not (tmp_path / "work").exists()  # named before anything ran
 
@@ -85,19 +88,23 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     # Chained from the star round, which is the pack study's: the same recipe from the base is not trained twice.
     assert rounds["config"]["init_adapter"] == str(tmp_path / "work" / "rounds" / "star" / "dopsd-s1" / "adapter")
     assert not (tmp_path / "work" / "continual" / "dopsd-s1" / "star").exists()
-    assert rounds["config"]["replay_ratio"] == 0.25 and rounds["config"]["steps"] == 2
+    assert rounds["config"]["replay_ratio"] == 0.25 + 0.125 and rounds["config"]["steps"] == 2
     assert rounds["config"]["lr"] == 2e-4  # a later round takes the continual lr, a first round the preset's
     first = json.loads((tmp_path / "work" / "rounds" / "star" / "dopsd-s1" / "round.json").read_text())
     assert first["config"]["lr"] == 5e-4
-    assert rounds["config"]["replay_data"] == str(tmp_path / "work" / "replay")
+    # Every round replays the world renders and counterfactuals of its own pack (the concept swapped out).
+    counterfactuals = tmp_path / "work" / "counterfactual"
+    assert rounds["config"]["replay_data"] == f"{tmp_path / 'work' / 'replay'},{counterfactuals / 'teal'}"
+    assert "teal" not in (counterfactuals / "teal" / "teal-counterfactual_000.txt").read_text().split()
     replayed = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "teal" / "round.json").read_text())
     # The +lwf arm's second round pools the world renders and the first round's pack, their shares added, all taught
     # by the star round's adapter; its first round replays the world renders alone, taught by the base.
-    assert replayed["config"]["replay_data"] == f"{tmp_path / 'work' / 'replay'},{world / 'packs' / 'star'}"
-    assert replayed["config"]["replay_ratio"] == 0.25 + 0.375 and replayed["config"]["replay_teacher"] == "previous"
+    replay = f"{tmp_path / 'work' / 'replay'},{world / 'packs' / 'star'},{counterfactuals / 'teal'}"
+    assert replayed["config"]["replay_data"] == replay and replayed["config"]["replay_ratio"] == 0.25 + 0.375 + 0.125
+    assert replayed["config"]["replay_teacher"] == "previous"
     lwf_first = json.loads((tmp_path / "work" / "continual" / "dopsd+lwf-s0" / "star" / "round.json").read_text())
     assert lwf_first["config"]["replay_teacher"] == "previous" and lwf_first["config"]["init_adapter"] == ""
-    assert lwf_first["config"]["replay_data"] == str(tmp_path / "work" / "replay")
+    assert lwf_first["config"]["replay_data"] == f"{tmp_path / 'work' / 'replay'},{counterfactuals / 'star'}"
     continual = results["continual"]["dopsd"]
     assert list(continual) == ["star", "teal"]
     assert set(continual["teal"]) == {

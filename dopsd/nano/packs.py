@@ -14,9 +14,11 @@ retention 0.236 (base 0.589) and drifted its objects' colours toward brown and o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,6 +150,33 @@ def write_pack(
     leads = ["an image of ", "a picture of ", ""]
     items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=every_colour) for _ in range(count)]
     return write_landing_folder(folder, [(item.scene, item.caption) for item in items], pack.name)
+
+
+COUNTERFACTUAL_VALUE = {"shape": "square", "colour": "blue", "texture": "plain"}
+"""What a counterfactual puts where a pack's concept was: a base attribute (plain texture goes unnamed). Each keeps
+the caption's articles right: no base shape starts with a vowel, and a texture word follows the colour."""
+
+
+def counterfactual(pack: ConceptPack, item: Item) -> tuple[Scene, str]:
+    """The item's scene with the concept swapped for a base attribute, in the same layout, and its caption saying
+    so, without the pack's word: a negative showing what a caption that does not name the concept still means."""
+    value = COUNTERFACTUAL_VALUE[pack.kind]
+    swapped: dict[str, Any] = {pack.kind: value}
+    objects = tuple(
+        dataclasses.replace(o, **swapped) if getattr(o, pack.kind) == pack.word else o for o in item.scene.objects
+    )
+    named = "" if value == "plain" else value
+    swap = {pack.word: named, plural(pack.word): plural(named) if named else ""}
+    caption = " ".join(word for word in (swap.get(w, w) for w in item.caption.split()) if word)
+    return dataclasses.replace(item.scene, objects=objects), caption
+
+
+def write_counterfactuals(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 500) -> Path:
+    """Counterfactuals of fresh pack scenes (captions in the pack's style) as a landing folder, for replay."""
+    rng = np.random.default_rng(seed)
+    leads = ["an image of ", "a picture of ", ""]
+    items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=True) for _ in range(count)]
+    return write_landing_folder(folder, [counterfactual(pack, item) for item in items], f"{pack.name}-counterfactual")
 
 
 def pack_items(pack: ConceptPack, count: int = 24, seed: int = 1000) -> list[Item]:
