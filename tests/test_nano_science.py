@@ -45,7 +45,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--arms=sft,dopsd",
         "--seeds=0,1",
         "--round-steps=2",
-        "--round-batch=2",
+        "--round-batch=4",  # with 0.75 of it replayed by +lwf, every batch keeps one sample of the pack
         "--replay-ratio=0.25",
         "--replay-images=4",
         "--counterfactual-ratio=0.125",
