@@ -54,7 +54,7 @@ from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACK_BY_NAME, write_counterfactuals, write_landing_folder
-from dopsd.nano.scenes import iterate_items
+from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
@@ -348,11 +348,7 @@ class Evaluation:
         """`leak-<pack>` for every pack: the share of the model's retention samples (base prompts, none naming a
         pack's concept) that show the pack's concept, read from the suite run's verdicts (`concept_leak`)."""
         verdicts = report.verdicts.get(f"{self.retention.name}/{model}")
-        rows = (
-            [json.loads(line) for line in (self.folder(name, steps) / verdicts).read_text().splitlines()]
-            if verdicts
-            else []
-        )
+        rows = read_jsonl(self.folder(name, steps) / verdicts) if verdicts else []
         return {f"leak-{pack}": concept_leak(PACK_BY_NAME[pack], rows) for pack in self.config.names("packs")}
 
     def pack_metrics(self, pack: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:

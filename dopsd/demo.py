@@ -8,7 +8,6 @@ learn the word, or to draw the concept whatever the prompt?), with side-by-side 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ def run_nano_demo(
     from dopsd.models import load_model
     from dopsd.nano.model import NANO_RESOLUTION
     from dopsd.nano.packs import PACK_BY_NAME
+    from dopsd.nano.scenes import read_jsonl
     from evaluation.nano.premise import concept_leak
     from evaluation.networks import NetworkPaths, load_networks
     from evaluation.prompt_sets import read_images, read_prompts, retention_set
@@ -60,8 +60,8 @@ def run_nano_demo(
     )
     for name, values in report.metrics.items():
         concept, retention = values["concept/geneval/overall"], values["retention/geneval/overall"]
-        rows = (workdir / "eval" / report.verdicts[f"retention/{name}"]).read_text().splitlines()
-        leak = concept_leak(PACK_BY_NAME[pack], [json.loads(row) for row in rows]) if pack in PACK_BY_NAME else None
+        rows = read_jsonl(workdir / "eval" / report.verdicts[f"retention/{name}"])
+        leak = concept_leak(PACK_BY_NAME[pack], rows) if pack in PACK_BY_NAME else None
         drawn = f"{leak:.3f} of the base prompts' samples" if leak is not None else "not measured (no nano concept)"
         yield (
             f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano); "

@@ -146,10 +146,15 @@ def write_pack(
     """The pack as a landing folder (images + same-name .txt captions; see `concept_item` for `every_colour`)."""
     if count > 64:
         raise ValueError(f"a concept pack holds at most 64 images, asked for {count}")
+    items = training_items(pack, count, seed, every_colour)
+    return write_landing_folder(folder, [(item.scene, item.caption) for item in items], pack.name)
+
+
+def training_items(pack: ConceptPack, count: int, seed: int, every_colour: bool = True) -> list[Item]:
+    """Scenes showing the concept with captions in the training phrasing (a pack's, or its counterfactuals')."""
     rng = np.random.default_rng(seed)
     leads = ["an image of ", "a picture of ", ""]
-    items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=every_colour) for _ in range(count)]
-    return write_landing_folder(folder, [(item.scene, item.caption) for item in items], pack.name)
+    return [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=every_colour) for _ in range(count)]
 
 
 COUNTERFACTUAL_VALUE = {"shape": "square", "colour": "blue", "texture": "plain"}
@@ -173,9 +178,7 @@ def counterfactual(pack: ConceptPack, item: Item) -> tuple[Scene, str]:
 
 def write_counterfactuals(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 500) -> Path:
     """Counterfactuals of fresh pack scenes (captions in the pack's style) as a landing folder, for replay."""
-    rng = np.random.default_rng(seed)
-    leads = ["an image of ", "a picture of ", ""]
-    items = [concept_item(pack, rng, lead=str(rng.choice(leads)), every_colour=True) for _ in range(count)]
+    items = training_items(pack, count, seed)
     return write_landing_folder(folder, [counterfactual(pack, item) for item in items], f"{pack.name}-counterfactual")
 
 
