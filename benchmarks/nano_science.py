@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-from dopsd.adapters import LORA_WEIGHTS, compose_adapters, use_adapter
+from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
@@ -370,7 +370,7 @@ def composed_adapter(folders: list[str], output: Path) -> str:
     reuses it and a retrained round gets a new one."""
     if len(folders) == 1:
         return folders[0]
-    digest = hashlib.sha256(" ".join(file_digest(Path(f) / LORA_WEIGHTS) for f in folders).encode()).hexdigest()
+    digest = hashlib.sha256(" ".join(adapter_digest(f) for f in folders).encode()).hexdigest()
     target = output / f"adapter-{digest[:16]}"
     if not (target / LORA_WEIGHTS).is_file():
         compose_adapters(folders, target)
@@ -380,7 +380,7 @@ def composed_adapter(folders: list[str], output: Path) -> str:
 def adapter_digests(adapters: dict[str, str | None]) -> dict[str, str | None]:
     """Each adapter's weights digest (None for the base): a cached score stands only for the weights it measured,
     so a round retrained in place (another --continual-lr, say) is scored again."""
-    return {name: None if path is None else file_digest(Path(path) / LORA_WEIGHTS) for name, path in adapters.items()}
+    return {name: None if path is None else adapter_digest(path) for name, path in adapters.items()}
 
 
 def spread(values: list[float | None]) -> dict:

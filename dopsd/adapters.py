@@ -7,6 +7,7 @@ student between its forward and its backward).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -174,6 +175,19 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path}: no LoRA config ({LORA_ADAPTER_METADATA_KEY!r}) in the file's header")
     prefixed = json.loads(header[LORA_ADAPTER_METADATA_KEY])
     return weights, {key.split(".", 1)[1]: value for key, value in prefixed.items()}
+
+
+def adapter_digest(folder: str | Path) -> str:
+    """SHA-256 of an adapter's weights and LoRA config: the identity of what it does, not of its file's bytes.
+    safetensors writes the header's metadata in an order that changes from process to process, so the same weights
+    saved twice can differ byte for byte."""
+    weights, config = read_adapter(folder)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key in sorted(weights):
+        tensor = weights[key].contiguous()
+        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def compose_adapters(folders: Sequence[str | Path], output: str | Path, weights: Sequence[float] | None = None) -> Path:

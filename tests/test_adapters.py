@@ -1,5 +1,7 @@
 """Student/teacher adapters: EMA, switching, files that the real pipelines load."""
 
+import json
+
 import pytest
 import torch
 
@@ -143,3 +145,27 @@ def test_adapters_of_other_layers_or_missing_files_do_not_compose(model, tmp_pat
     with pytest.raises(FileNotFoundError, match=r"missing/pytorch_lora_weights.safetensors: no LoRA weights file"):
         adapters.compose_adapters([tmp_path / "full", tmp_path / "missing"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_digest_names_the_weights_not_the_file_bytes(model, tmp_path):
+    """safetensors writes its header's metadata in a per-process order: the same adapter saved twice can differ byte
+    for byte (a flaky cache count in the science test came from this), and must keep its digest."""
+    with torch.no_grad():
+        for _, s in adapters.adapter_pairs(model.pipeline.transformer):
+            s.normal_(0, 0.3)
+    saved = adapters.save_adapter(model, adapters.STUDENT, tmp_path / "adapter") / adapters.LORA_WEIGHTS
+    raw = saved.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header["__metadata__"] = dict(reversed(header["__metadata__"].items()))
+    # Padded to the header's length, so the data offsets stand.
+    reordered = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    (tmp_path / "reordered").mkdir()
+    (tmp_path / "reordered" / adapters.LORA_WEIGHTS).write_bytes(raw[:8] + reordered + raw[8 + length :])
+    assert (tmp_path / "reordered" / adapters.LORA_WEIGHTS).read_bytes() != raw
+    assert adapters.adapter_digest(tmp_path / "reordered") == adapters.adapter_digest(saved.parent)
+
+    changed = bytearray(raw)
+    changed[-1] ^= 1  # the last weight's lowest mantissa bit
+    saved.write_bytes(bytes(changed))
+    assert adapters.adapter_digest(saved.parent) != adapters.adapter_digest(tmp_path / "reordered")
