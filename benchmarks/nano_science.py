@@ -76,7 +76,8 @@ ARMS: dict[str, dict] = {
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
 """An arm `<arm><suffix>` trains as <arm>; in the continual run its later rounds also replay the earlier packs' data.
-The suffix says who teaches what a round replays (those packs, and the base-world renders of `replay_ratio`):
+The suffix says who teaches what a round replays (those packs, the base-world renders of `replay_ratio`, the
+counterfactuals of `counterfactual_ratio`):
 `+replay` the round's teacher, seeing each image, as for the new pack; `+lwf` the weights the round starts from
 (the previous adapter, or the base in a first round), from the caption alone (learning without forgetting)."""
 COMPOSE_SUFFIX = "+compose"
@@ -106,8 +107,8 @@ class ScienceConfig:
     packs: str = "star,teal,striped"
     """Comma-separated concept packs, in the continual run's order."""
     arms: str = "sft,dopsd,dopsd-base-teacher,dopsd-grad1"
-    """Comma-separated arms (see ARMS), each optionally suffixed `+lwf`: its base-world replay (`replay_ratio`) is
-    then taught by the base from the captions."""
+    """Comma-separated arms (see ARMS), each optionally suffixed `+lwf`: what it replays (the base-world renders of
+    `replay_ratio`, the counterfactuals of `counterfactual_ratio`) is then taught by the base from the captions."""
     seeds: str = "0,1,2"
     """Comma-separated training seeds: every arm trains once per seed, and spreads are taken across them."""
     preset: str = "nano"
@@ -133,8 +134,9 @@ class ScienceConfig:
     continual run)."""
     counterfactual_ratio: float = 0.0
     """Share of each batch a pack's round draws from counterfactuals of that pack (fresh pack scenes with the concept
-    swapped for a base attribute, captions without the word; `dopsd.nano.packs.counterfactual`), taught as the pack
-    is: negatives against the concept's leak (0: none)."""
+    swapped for a base attribute, captions without the word; `dopsd.nano.packs.counterfactual`): negatives against the
+    concept's leak (0: none). Taught as the pack is (the teacher sees each image), or under a `+lwf` arm by the weights
+    the round starts from, from the caption alone (the image unused, as a user without a renderer would have it)."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data (pooled with the
     world renders when replay_ratio is set, the two shares added)."""
@@ -173,9 +175,9 @@ def check(config: ScienceConfig) -> dict:
         if split_arm(a)[1] == COMPOSE_SUFFIX
     ]
     problems += [
-        f"arm {a!r} distils replayed base-world renders, but --replay-ratio is 0"
+        f"arm {a!r} distils what a round replays, but --replay-ratio and --counterfactual-ratio are 0"
         for a in config.names("arms")
-        if split_arm(a)[1] == "+lwf" and config.replay_ratio <= 0
+        if split_arm(a)[1] == "+lwf" and config.replay_ratio <= 0 and config.counterfactual_ratio <= 0
     ]
     shares = (config.replay_ratio, config.continual_replay, config.counterfactual_ratio)
     if min(shares) < 0 or sum(shares) >= 1:

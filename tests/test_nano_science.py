@@ -62,10 +62,16 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     wrong += ["--counterfactual-ratio=0.7"]
     bad = refusal(*options, *wrong)
     assert "unknown arm 'dpo'" in bad and "packs/nothing_prompts.jsonl is missing" in bad
-    assert "arm 'dopsd+lwf' distils replayed base-world renders, but --replay-ratio is 0" in bad
     assert "continual_lr must be >= 0" in bad
     assert "and counterfactual_ratio must be >= 0 and sum to less than 1, got 0.0 + 0.375 + 0.7" in bad
     assert "arm 'sft+compose': +compose composes the rounds of the continual run, not of one pack" in bad
+    unreplayed = refusal(*options, "--arms=dopsd+lwf", "--replay-ratio=0", "--counterfactual-ratio=0")
+    assert (
+        "arm 'dopsd+lwf' distils what a round replays, but --replay-ratio and --counterfactual-ratio are 0"
+        in unreplayed
+    )
+    counterfactuals_only = refusal(*options, "--arms=dopsd+lwf", "--replay-ratio=0", "--continual-lr=-1")
+    assert "arm 'dopsd+lwf'" not in counterfactuals_only and "continual_lr must be >= 0" in counterfactuals_only
     assert not (tmp_path / "work").exists()  # named before anything ran
 
     science(*options)
