@@ -192,3 +192,16 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     # ... and to its sampling noise: scores drawn from other noise are not paired with new ones
     (work / "base.json").write_text(json.dumps(results["base"] | {"noise": "one noise per seed"}))
     assert f"or sampled with other noise than {NOISE_SCHEME}" in refusal(*options)
+
+
+def test_an_lwf_arm_replays_counterfactuals_alone_taught_from_their_captions(tmp_path, tiny_world):
+    """Without a renderer a user has the captions: a `+lwf` arm with --replay-ratio 0 replays only the pack's
+    counterfactuals, taught by the round's starting weights from the swapped captions."""
+    config = nano_science.parse_args(
+        [f"--world={tiny_world}", "--replay-ratio=0", "--counterfactual-ratio=0.25", f"--workdir={tmp_path}"]
+    )
+    first = nano_science.round_config(config, "dopsd-base-teacher+lwf", "star", 0, tmp_path / "round")
+    assert first.replay_data == str(tmp_path / "counterfactual" / "star") and first.replay_ratio == 0.25
+    assert first.replay_teacher == "previous" and first.teacher == "base"
+    plain = nano_science.round_config(config, "dopsd-base-teacher", "star", 0, tmp_path / "round")
+    assert plain.replay_data == first.replay_data and plain.replay_teacher != "previous"  # taught seeing the images
