@@ -166,6 +166,6 @@ def test_adapter_digest_names_the_weights_not_the_file_bytes(model, tmp_path):
     assert adapters.adapter_digest(tmp_path / "reordered") == adapters.adapter_digest(saved.parent)
 
     changed = bytearray(raw)
-    changed[-1] ^= 1  # the last weight's lowest mantissa bit
+    changed[-1] ^= 1  # one bit of the last weight
     saved.write_bytes(bytes(changed))
     assert adapters.adapter_digest(saved.parent) != adapters.adapter_digest(tmp_path / "reordered")
