@@ -179,11 +179,16 @@ def check(config: ScienceConfig) -> dict:
         for a in config.names("arms")
         if split_arm(a)[1] == "+lwf" and config.replay_ratio <= 0 and config.counterfactual_ratio <= 0
     ]
-    shares = (config.replay_ratio, config.continual_replay, config.counterfactual_ratio)
-    if min(shares) < 0 or sum(shares) >= 1:
+    # The shares one round can draw together: the rest of its batch is the pack's.
+    shares = {"replay_ratio": config.replay_ratio}
+    if any(split_arm(a)[1] in REPLAY_SUFFIXES for a in config.names("continual_arms")):
+        shares["continual_replay"] = config.continual_replay
+    shares["counterfactual_ratio"] = config.counterfactual_ratio
+    if min(shares.values()) < 0 or sum(shares.values()) >= 1:
+        names = list(shares)
         problems.append(
-            "replay_ratio, continual_replay and counterfactual_ratio must be >= 0 and sum to less than 1, got "
-            + " + ".join(map(str, shares))
+            f"{', '.join(names[:-1])} and {names[-1]} must be >= 0 and sum to less than 1, got "
+            + " + ".join(map(str, shares.values()))
         )
     if config.continual_lr < 0:
         problems.append(f"continual_lr must be >= 0 (0: the preset's), got {config.continual_lr}")

@@ -70,6 +70,11 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "arm 'dopsd+lwf' distils what a round replays, but --replay-ratio and --counterfactual-ratio are 0"
         in unreplayed
     )
+    # Without a continual arm that replays earlier packs, continual_replay (0.375 by default) takes no share.
+    alone = refusal(*options, "--continual-arms=dopsd", "--counterfactual-ratio=0.7", "--continual-lr=-1")
+    assert "sum to less than 1" not in alone
+    overfull = refusal(*options, "--continual-arms=dopsd", "--counterfactual-ratio=0.75")
+    assert "replay_ratio and counterfactual_ratio must be >= 0 and sum to less than 1, got 0.25 + 0.75" in overfull
     counterfactuals_only = refusal(*options, "--arms=dopsd+lwf", "--replay-ratio=0", "--continual-lr=-1")
     assert "arm 'dopsd+lwf'" not in counterfactuals_only and "continual_lr must be >= 0" in counterfactuals_only
     assert not (tmp_path / "work").exists()  # named before anything ran
