@@ -49,6 +49,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
+from dopsd.data import image_files
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
@@ -135,11 +136,12 @@ class ScienceConfig:
     counterfactual_ratio: float = 0.0
     """Share of each batch a pack's round draws from counterfactuals of that pack (fresh pack scenes with the concept
     swapped for a base attribute, captions without the word; `dopsd.nano.packs.counterfactual`): negatives against the
-    concept's leak (0: none). Taught as the pack is (the teacher sees each image), or under a `+lwf` arm by the weights
+    concept's leak (0: none). Added to the replay ratio; where a round replays other folders too, they are pooled
+    (`replay_shares`). Taught as the pack is (the teacher sees each image), or under a `+lwf` arm by the weights
     the round starts from, from the caption alone (the image unused, as a user without a renderer would have it)."""
     continual_replay: float = 0.375
-    """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data (pooled with the
-    world renders when replay_ratio is set, the two shares added)."""
+    """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data, added to the
+    replay ratio; pooled with the round's other replay folders (world renders, counterfactuals: `replay_shares`)."""
     continual_lr: float = 0.0
     """Learning rate of the continual run's later rounds, those that start from an earlier adapter (0: the
     preset's, as the first round)."""
@@ -283,6 +285,36 @@ def round_config(
         **replay_overrides,
         **later_round,
     )
+
+
+def replay_shares(train_config: TrainConfig) -> dict[str, float]:
+    """Each replay folder's expected share of a batch. A round pools its replay folders and draws each replayed
+    sample uniformly from the pool, so a folder's share is its part of the pooled images times the summed ratio."""
+    sizes = {Path(f): len(image_files(Path(f))) for f in train_config.replay_folders()}
+    total = sum(sizes.values())
+    sources = {"packs": "pack", "counterfactual": "counterfactuals"}
+    return {
+        f"{folder.name} {sources[folder.parent.name]}" if folder.parent.name in sources else "world renders": round(
+            train_config.replay_ratio * n / total, 3
+        )
+        for folder, n in sizes.items()
+    }
+
+
+def replay_plan(config: ScienceConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """arm -> pack -> replay source -> share of a batch, for every round that replays: the pack study's (arm as
+    named) and the continual run's (`continual <arm>`)."""
+    packs = config.names("packs")
+    plan: dict[str, dict[str, dict[str, float]]] = {}
+    for arm in config.names("arms"):
+        plan[arm] = {pack: replay_shares(pack_round(config, arm, pack, 0)) for pack in packs}
+    for arm in config.names("continual_arms"):
+        if split_arm(arm)[1] != COMPOSE_SUFFIX:
+            plan[f"continual {arm}"] = {
+                pack: replay_shares(round_config(config, arm, pack, 0, Path(config.workdir), earlier=packs[:i]))
+                for i, pack in enumerate(packs)
+            }
+    return {arm: {pack: shares for pack, shares in rounds.items() if shares} for arm, rounds in plan.items()}
 
 
 def pack_round(config: ScienceConfig, arm: str, pack: str, seed: int) -> TrainConfig:
@@ -582,6 +614,23 @@ def plot_continual(continual: dict, path: Path) -> Path:
     return save_figure(figure, path)
 
 
+def replay_lines(plan: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The replay of each round that replays, as the share of a batch each source has (see `replay_shares`)."""
+    rounds = [(arm, pack, shares) for arm, packs in plan.items() for pack, shares in packs.items()]
+    if not rounds:
+        return []
+    return [
+        "",
+        "Replay pools its folders (each replayed sample is drawn uniformly from all of them), so each source's share "
+        "of a batch is its part of the pooled images times the summed ratio:",
+        "",
+        *(
+            f"- `{arm}`, {pack}: " + ", ".join(f"{s} {v:.3f}" for s, v in shares.items())
+            for arm, pack, shares in rounds
+        ),
+    ]
+
+
 def render_markdown(results: dict) -> str:
     config, deployed = results["config"], results["config"]["deployed_steps"]
     arms = [BASE, *ScienceConfig(**config).names("arms")]
@@ -601,6 +650,7 @@ def render_markdown(results: dict) -> str:
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "
         f"{config['reference_images']} world renders. Leak: share of the retention samples showing a pack's concept "
         "(no base prompt names it).",
+        *replay_lines(results.get("replay_plan", {})),
         "",
         f"## At {deployed} steps (the deployed setting)",
         "",
@@ -640,8 +690,9 @@ def render_markdown(results: dict) -> str:
             "",
             f"## Continual run (packs in order, each from the previous adapter unless composed; at {deployed} steps)",
             "",
-            f"Later rounds train at lr {config['continual_lr'] or 'of the preset'}; a `+replay` arm draws "
-            f"{config['continual_replay']} of each batch from the earlier packs (`+lwf`: taught by the previous "
+            f"Later rounds train at lr {config['continual_lr'] or 'of the preset'}; a `+replay` arm adds "
+            f"{config['continual_replay']} to its replay ratio for the earlier packs' data (each source's share is "
+            "listed above; `+lwf`: taught by the previous "
             f"adapter from their captions); a `{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the "
             "sum of the adapters so far.",
             "",
@@ -724,6 +775,7 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         },
         "packs": {},
     }
+    results["replay_plan"] = replay_plan(config)
     for pack in config.names("packs"):
         study = pack_study(config, evaluation, pack, log)
         study["plot"] = str(plot_pack(pack, study, plots / f"{pack}.png").relative_to(out.parent))

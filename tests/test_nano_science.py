@@ -210,3 +210,31 @@ def test_an_lwf_arm_replays_counterfactuals_alone_taught_from_their_captions(tmp
     assert first.replay_teacher == "previous" and first.teacher == "base"
     plain = nano_science.round_config(config, "dopsd-base-teacher", "star", 0, tmp_path / "round")
     assert plain.replay_data == first.replay_data and plain.replay_teacher != "previous"  # taught seeing the images
+
+
+def test_the_report_gives_each_replay_source_its_pooled_share(tmp_path, tiny_world):
+    """Replay folders are pooled: a continual round replaying an earlier pack of 4 images beside 48 counterfactuals
+    gives the pack 4/52 of the summed ratio, not the `continual_replay` its option names; the report says so."""
+    config = nano_science.parse_args(
+        [
+            f"--world={tiny_world}",
+            "--packs=star,teal",
+            "--arms=dopsd-base-teacher",
+            "--continual-arms=dopsd-base-teacher+lwf",
+            "--replay-ratio=0",
+            "--counterfactual-ratio=0.25",
+            "--continual-replay=0.5",
+            f"--workdir={tmp_path}",
+        ]
+    )
+    plan = nano_science.replay_plan(config)
+    assert plan["dopsd-base-teacher"] == {
+        "star": {"star counterfactuals": 0.25},
+        "teal": {"teal counterfactuals": 0.25},
+    }
+    continual = plan["continual dopsd-base-teacher+lwf"]
+    assert continual["star"] == {"star counterfactuals": 0.25}
+    assert continual["teal"] == {"star pack": round(0.75 * 4 / 52, 3), "teal counterfactuals": round(0.75 * 48 / 52, 3)}
+    lines = nano_science.replay_lines(plan)
+    assert "- `continual dopsd-base-teacher+lwf`, teal: star pack 0.058, teal counterfactuals 0.692" in lines
+    assert nano_science.replay_lines({"dopsd": {}}) == []
