@@ -54,7 +54,7 @@ from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACK_BY_NAME, write_counterfactuals, write_landing_folder
+from dopsd.nano.packs import PACK_BY_NAME, counterfactual_words, write_counterfactuals, write_landing_folder
 from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
@@ -139,6 +139,10 @@ class ScienceConfig:
     concept's leak (0: none). Added to the replay ratio; where a round replays other folders too, they are pooled
     (`replay_shares`). Taught as the pack is (the teacher sees each image), or under a `+lwf` arm by the weights
     the round starts from, from the caption alone (the image unused, as a user without a renderer would have it)."""
+    caption_negative_ratio: float = 0.0
+    """Share of each batch a pack's round draws from caption negatives (`TrainConfig.caption_negatives`): the pack's
+    own captions with its word swapped as its counterfactuals swap it, taught by the weights the round starts from,
+    from the caption alone; what a user without a renderer can do (0: none). Its own share, not pooled with replay."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data, added to the
     replay ratio; pooled with the round's other replay folders (world renders, counterfactuals: `replay_shares`)."""
@@ -186,6 +190,8 @@ def check(config: ScienceConfig) -> dict:
     if any(split_arm(a)[1] in REPLAY_SUFFIXES for a in config.names("continual_arms")):
         shares["continual_replay"] = config.continual_replay
     shares["counterfactual_ratio"] = config.counterfactual_ratio
+    if config.caption_negative_ratio != 0:
+        shares["caption_negative_ratio"] = config.caption_negative_ratio
     if min(shares.values()) < 0 or sum(shares.values()) >= 1:
         names = list(shares)
         problems.append(
@@ -269,6 +275,7 @@ def round_config(
         replay.append(counterfactual_folder(config, pack))
         ratio += config.counterfactual_ratio
     replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
+    negatives = counterfactual_words(PACK_BY_NAME[pack]) if config.caption_negative_ratio > 0 else {}
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
     return make_config(
         config.preset,
@@ -281,6 +288,8 @@ def round_config(
         replay_data=",".join(replay),
         replay_ratio=ratio,
         init_adapter=init_adapter,
+        caption_negatives=",".join(f"{word}={swapped}" for word, swapped in negatives.items()),
+        negative_ratio=config.caption_negative_ratio,
         **ARMS[arm],
         **replay_overrides,
         **later_round,
@@ -288,17 +297,19 @@ def round_config(
 
 
 def replay_shares(train_config: TrainConfig) -> dict[str, float]:
-    """Each replay folder's expected share of a batch. A round pools its replay folders and draws each replayed
-    sample uniformly from the pool, so a folder's share is its part of the pooled images times the summed ratio."""
+    """Each replay source's expected share of a batch. A round pools its replay folders and draws each replayed
+    sample uniformly from the pool, so a folder's share is its part of the pooled images times the summed ratio;
+    caption negatives have their own share."""
     sizes = {Path(f): len(image_files(Path(f))) for f in train_config.replay_folders()}
     total = sum(sizes.values())
     sources = {"packs": "pack", "counterfactual": "counterfactuals"}
-    return {
+    shares = {
         f"{folder.name} {sources[folder.parent.name]}" if folder.parent.name in sources else "world renders": round(
             train_config.replay_ratio * n / total, 3
         )
         for folder, n in sizes.items()
     }
+    return shares | ({"caption negatives": train_config.negative_ratio} if train_config.negative_ratio > 0 else {})
 
 
 def replay_plan(config: ScienceConfig) -> dict[str, dict[str, dict[str, float]]]:
@@ -622,7 +633,7 @@ def replay_lines(plan: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return [
         "",
         "Replay pools its folders (each replayed sample is drawn uniformly from all of them), so each source's share "
-        "of a batch is its part of the pooled images times the summed ratio:",
+        "of a batch is its part of the pooled images times the summed ratio (caption negatives have their own share):",
         "",
         *(
             f"- `{arm}`, {pack}: " + ", ".join(f"{s} {v:.3f}" for s, v in shares.items())
@@ -644,7 +655,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
-        f"counterfactual ratio {config['counterfactual_ratio']}. Evaluation: "
+        f"counterfactual ratio {config['counterfactual_ratio']}, caption negative ratio "
+        f"{config.get('caption_negative_ratio', 0.0)}. Evaluation: "
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "

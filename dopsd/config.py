@@ -48,6 +48,15 @@ class TrainConfig:
     forgetting, on the student's own roll-outs). On the nano world (star, then teal, half of each batch replaying the
     star pack, 3 seeds) it learned teal 0.193 vs 0.148 for `round` and kept star 0.090 vs 0.076; replaying base-world
     renders in a first round, retention was 0.520 vs 0.358 for `round` (reports/nano_continual_screens.md)."""
+    caption_negatives: str = ""
+    """Negatives against a new word leaking into prompts that do not name it, made from the data's own captions:
+    comma-separated `word=replacement` pairs (whole words, any case; an empty replacement drops the word), e.g.
+    `star=square,stars=squares` or `striped=`. Each data caption naming a word gives a sample with the word replaced,
+    taught by the weights the round starts from (`init_adapter`, else the base) from that caption alone, so the
+    student keeps drawing for it what it drew before the round. Needs method=dopsd and negative_ratio."""
+    negative_ratio: float = 0.0
+    """Share of each batch drawn from the caption negatives, as `replay_ratio` draws from the replay (the two added
+    stay below 1)."""
     init_adapter: str = ""
     """LoRA folder (as a round writes it) that student and EMA teacher start from, e.g. the previous round's adapter
     in a continual run; its rank, alpha and targets must be this config's (empty: start from the base). On the nano
@@ -146,6 +155,19 @@ class TrainConfig:
 
     def replay_folders(self) -> list[str]:
         return comma_separated(self.replay_data)
+
+    def negative_pairs(self) -> dict[str, str]:
+        """`caption_negatives` as word (lower case) -> replacement."""
+        pairs = {}
+        for item in comma_separated(self.caption_negatives):
+            word, equals, replacement = (part.strip() for part in item.partition("="))
+            if not equals or not word or " " in word:
+                raise ValueError(
+                    f"caption_negatives: {item!r} is not a `word=replacement` pair (one word; the replacement may be "
+                    "empty to drop the word)"
+                )
+            pairs[word.lower()] = replacement
+        return pairs
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -6,6 +6,7 @@ naming the file and what to do. Paths never leave the data root (symlinks out of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,18 @@ def read_dataset(folder: str | Path) -> list[Example]:
     if problems:
         raise DatasetError(f"data folder {root} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return examples
+
+
+def caption_negatives(examples: list[Example], pairs: dict[str, str]) -> list[Example]:
+    """The examples whose caption names a word of `pairs` (whole words, any case), each with every such word replaced
+    (dropped when its replacement is empty). The image stays beside the new caption unused: a negative is taught from
+    its caption alone."""
+    if not pairs:
+        return []
+    words = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(pairs, key=len, reverse=True)) + r")\b", re.I)
+    negatives = []
+    for example in examples:
+        caption, named = words.subn(lambda match: pairs[match.group(1).lower()], example.caption)
+        if named:
+            negatives.append(Example(example.image_path, " ".join(caption.split())))
+    return negatives

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dopsd import adapters
 from dopsd.config import TrainConfig, comma_separated
-from dopsd.data import Example, read_dataset
+from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
 from dopsd.models import Context, FewStepModel, load_model
 from dopsd.objective import TeacherKind, dopsd_loss, sample_training_sigmas, sft_loss
 
@@ -108,15 +108,14 @@ def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
 
 
 def build_cache(
-    model: FewStepModel, config: TrainConfig, examples: list[Example], n_data: int, device: torch.device
+    model: FewStepModel, config: TrainConfig, examples: list[Example], taught: int, device: torch.device
 ) -> SampleCache:
     """Encode every sample once (reused when it exists: a resumed round skips the encoders). The image context
-    is encoded only for the samples the round's teacher teaches: under replay_teacher=previous, the data's first
-    n_data and not the replayed ones (the previous adapter reads their captions alone)."""
+    is encoded only for the first `taught` samples, those the round's teacher teaches (the starting weights read the
+    captions of the others alone)."""
     path = cache_path(config, examples)
     if path.is_file():
         return SampleCache.load(path, device)
-    taught = n_data if config.replay_teacher == "previous" else len(examples)
     student, teacher, latents = [], [], []
     for i, example in enumerate(tqdm(examples, desc="encoding samples", leave=False)):
         image = example.load_image()
@@ -149,18 +148,54 @@ def read_replay(config: TrainConfig) -> list[Example]:
     return replay
 
 
+def read_negatives(config: TrainConfig, examples: list[Example]) -> list[Example]:
+    """The data's caption negatives (none unless asked for), with the settings that need them."""
+    pairs = config.negative_pairs()
+    if not 0 <= config.negative_ratio < 1 or config.replay_ratio + config.negative_ratio >= 1:
+        raise ValueError(
+            f"negative_ratio must be in [0, 1) and below 1 added to replay_ratio ({config.replay_ratio}), "
+            f"got {config.negative_ratio}"
+        )
+    if bool(pairs) != (config.negative_ratio > 0):
+        raise ValueError(
+            f"caption_negatives ({config.caption_negatives!r}) and negative_ratio ({config.negative_ratio}) go "
+            "together: give word pairs and a ratio above 0, or neither"
+        )
+    if pairs and config.method != "dopsd":
+        raise ValueError(
+            "caption negatives are distilled from the weights the round starts from: they need method=dopsd "
+            f"(got {config.method})"
+        )
+    negatives = caption_negatives(examples, pairs)
+    if pairs and not negatives:
+        raise DatasetError(
+            f"data folder {config.data}: no caption names {', '.join(sorted(pairs))}, so caption_negatives makes no "
+            "sample; give the words the data's captions teach"
+        )
+    return negatives
+
+
 def draw_batch(
-    n_data: int, n_replay: int, batch_size: int, replay_ratio: float, generator: torch.Generator
+    n_data: int, sources: Sequence[tuple[int, float]], batch_size: int, generator: torch.Generator
 ) -> list[int]:
-    """Indices into the sample pool [data..., replay...]: the data's first, then the replayed ones."""
-    replayed = math.floor(batch_size * replay_ratio)
-    remainder = batch_size * replay_ratio - replayed
-    # Without replay nothing extra is drawn: the data order stays that of rounds that never replay.
-    if remainder > 0 and float(torch.rand((), generator=generator)) < remainder:
-        replayed += 1
-    index = torch.randint(n_data, (batch_size - replayed,), generator=generator).tolist()
-    if replayed:
-        index += (n_data + torch.randint(n_replay, (replayed,), generator=generator)).tolist()
+    """Indices into the sample pool [data..., then each source's samples in turn]: the data's first. A source of
+    (size, ratio) gets floor(batch_size * ratio) samples plus one more with the probability of the remainder, so a
+    batch of 1 still draws it at its rate on average; should those extras overflow a small batch, the later sources
+    give theirs up. The data fill the rest."""
+    counts: list[int] = []
+    for _, ratio in sources:
+        count = math.floor(batch_size * ratio)
+        remainder = batch_size * ratio - count
+        # A source without a remainder draws nothing extra: the data order stays that of rounds without it.
+        if remainder > 0 and float(torch.rand((), generator=generator)) < remainder:
+            count += 1
+        counts.append(min(count, batch_size - sum(counts)))
+    index = torch.randint(n_data, (batch_size - sum(counts),), generator=generator).tolist()
+    start = n_data
+    for (size, _), count in zip(sources, counts, strict=True):
+        if count:
+            index += (start + torch.randint(size, (count,), generator=generator)).tolist()
+        start += size
     return index
 
 
@@ -243,11 +278,12 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, transformer, optimiz
 
 
 def teachers_of(
-    config: TrainConfig, cache: SampleCache, index: list[int], n_data: int
+    config: TrainConfig, cache: SampleCache, index: list[int], n_data: int, n_replay: int
 ) -> tuple[list[TeacherKind], list[Context]]:
-    """Each drawn sample's teacher and its context: the round's teacher with the image context, except replayed
-    samples (index >= n_data) under replay_teacher=previous, taught by the starting weights from the caption."""
-    previous = [config.replay_teacher == "previous" and i >= n_data for i in index]
+    """Each drawn sample's teacher and its context: the round's teacher with the image context, except the caption
+    negatives (index >= n_data + n_replay), and the replayed samples under replay_teacher=previous, both taught by
+    the starting weights from the caption."""
+    previous = [i >= n_data + n_replay or (config.replay_teacher == "previous" and i >= n_data) for i in index]
     teachers: list[TeacherKind] = ["previous" if p else config.teacher for p in previous]
     contexts = [cache.student[i] if p else cache.teacher[i] for i, p in zip(index, previous, strict=True)]
     return teachers, contexts
@@ -270,13 +306,18 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     device = accelerator.device
     examples = read_dataset(config.data)  # every data problem surfaces before a model is loaded
     replay = read_replay(config)
+    negatives = read_negatives(config, examples)
     model = build_model(config, device)
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
     targets = config.targets_list() or list(model.default_lora_targets)
     torch.manual_seed(config.seed)  # LoRA A init: identical on every process
     adapters.add_student_teacher(
-        transformer, config.lora_rank, config.lora_alpha, targets, with_previous=config.replay_teacher == "previous"
+        transformer,
+        config.lora_rank,
+        config.lora_alpha,
+        targets,
+        with_previous=config.replay_teacher == "previous" or bool(negatives),
     )
     if config.init_adapter:
         load_init_adapter(transformer, config.init_adapter)
@@ -290,7 +331,8 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     pairs = adapters.adapter_pairs(transformer)
 
     with accelerator.main_process_first():
-        cache = build_cache(model, config, examples + replay, len(examples), device)
+        taught = len(examples) + (0 if config.replay_teacher == "previous" else len(replay))
+        cache = build_cache(model, config, examples + replay + negatives, taught, device)
     if device.type == "cuda":
         # Everything the round needs from the encoders is cached: give their memory to the transformer.
         for module in model.encoder_modules():
@@ -330,13 +372,14 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         step_loss = 0.0
         for micro in range(config.grad_accum):
             last_micro = micro == config.grad_accum - 1
-            index = draw_batch(len(examples), len(replay), config.batch_size, config.replay_ratio, generators["data"])
+            sources = [(len(replay), config.replay_ratio), (len(negatives), config.negative_ratio)]
+            index = draw_batch(len(examples), sources, config.batch_size, generators["data"])
             latents = cache.latents[index]
             noise = torch.randn(latents.shape, generator=generators["noise"]).to(device)
             student = [cache.student[i] for i in index]
             with accelerator.autocast():
                 if config.method == "dopsd":
-                    teachers, teacher_contexts = teachers_of(config, cache, index, len(examples))
+                    teachers, teacher_contexts = teachers_of(config, cache, index, len(examples), len(replay))
                     out = dopsd_loss(
                         model,
                         student,

@@ -238,3 +238,18 @@ def test_the_report_gives_each_replay_source_its_pooled_share(tmp_path, tiny_wor
     lines = nano_science.replay_lines(plan)
     assert "- `continual dopsd-base-teacher+lwf`, teal: star pack 0.058, teal counterfactuals 0.692" in lines
     assert nano_science.replay_lines({"dopsd": {}}) == []
+
+
+def test_caption_negatives_swap_the_pack_word_in_its_own_captions(tmp_path, tiny_world):
+    """The renderer-free negatives as a user would give them: `word=replacement` pairs on the pack's own captions,
+    their own share of the batch beside any replay."""
+    options = [f"--world={tiny_world}", "--replay-ratio=0", f"--workdir={tmp_path}", "--packs=star,teal"]
+    config = nano_science.parse_args([*options, "--caption-negative-ratio=0.5"])
+    star = nano_science.round_config(config, "dopsd-base-teacher", "star", 0, tmp_path / "round")
+    assert star.caption_negatives == "star=square,stars=squares" and star.negative_ratio == 0.5
+    assert star.negative_pairs() == {"star": "square", "stars": "squares"} and not star.replay_data
+    teal = nano_science.round_config(config, "dopsd-base-teacher+lwf", "teal", 0, tmp_path / "r", earlier=["star"])
+    assert teal.caption_negatives == "teal=blue" and teal.replay_ratio == config.continual_replay
+    assert nano_science.replay_shares(teal) == {"star pack": config.continual_replay, "caption negatives": 0.5}
+    refused = refusal(*options, "--caption-negative-ratio=0.5", "--counterfactual-ratio=0.5")
+    assert "and caption_negative_ratio must be >= 0 and sum to less than 1" in refused

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dopsd.adapters import LORA_WEIGHTS
 from dopsd.config import TrainConfig, make_config
-from dopsd.data import DatasetError, read_dataset
+from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
 from dopsd.preview import pipeline_images
 from dopsd.train import (
     SampleCache,
@@ -149,16 +149,74 @@ def test_a_round_starts_from_its_init_adapter(tmp_path, tiny_zimage_path, datase
 
 def test_replay_takes_its_share_of_every_batch():
     generator = torch.Generator().manual_seed(0)
-    batches = [draw_batch(10, 5, 8, 0.25, generator) for _ in range(50)]
+    batches = [draw_batch(10, [(5, 0.25)], 8, generator) for _ in range(50)]
     assert all(len(b) == 8 and sum(i >= 10 for i in b) == 2 for b in batches)
     assert {i for b in batches for i in b} == set(range(15))  # every sample of both sets comes up
-    singles = [draw_batch(10, 5, 1, 0.25, generator)[0] >= 10 for _ in range(2000)]
+    singles = [draw_batch(10, [(5, 0.25)], 1, generator)[0] >= 10 for _ in range(2000)]
     assert 0.2 < sum(singles) / len(singles) < 0.3  # a batch of 1 replays at the ratio on average (5 sigma)
     plain, unused = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     # No replay draws nothing extra: rounds without replay see the data in the order they always did.
-    assert [draw_batch(10, 0, 8, 0.0, unused) for _ in range(5)] == [
+    assert [draw_batch(10, [(0, 0.0), (0, 0.0)], 8, unused) for _ in range(5)] == [
         torch.randint(10, (8,), generator=plain).tolist() for _ in range(5)
     ]
+
+
+def test_each_source_takes_its_own_share_of_a_batch():
+    generator = torch.Generator().manual_seed(0)
+    batches = [draw_batch(10, [(5, 0.25), (3, 0.5)], 8, generator) for _ in range(50)]
+    assert all(sum(10 <= i < 15 for i in b) == 2 and sum(i >= 15 for i in b) == 4 for b in batches)
+    assert {i for b in batches for i in b} == set(range(18))
+    # A batch of 1 cannot hold both extras: the later source gives its up, and the batch keeps its size.
+    singles = [draw_batch(10, [(5, 0.5), (3, 0.4)], 1, generator) for _ in range(2000)]
+    assert all(len(b) == 1 for b in singles)
+    replayed, negative = (sum(lo <= b[0] < hi for b in singles) / len(singles) for lo, hi in [(10, 15), (15, 18)])
+    assert 0.45 < replayed < 0.55 and 0.15 < negative < 0.25  # 0.4 of the half the replay left (5 sigma)
+
+
+def test_caption_negatives_replace_whole_words_in_the_data_captions():
+    examples = [
+        Example(Path("a.png"), "a Teal star, beside a red circle"),
+        Example(Path("b.png"), "three stars"),
+        Example(Path("c.png"), "a striped teal square"),
+        Example(Path("d.png"), "a starfish"),
+    ]
+    negatives = caption_negatives(examples, {"teal": "blue", "star": "square", "striped": ""})
+    assert negatives == [
+        Example(Path("a.png"), "a blue square, beside a red circle"),
+        Example(Path("c.png"), "a blue square"),
+    ]
+    assert caption_negatives(examples, {}) == []
+    assert TrainConfig(caption_negatives="Star=square, striped=").negative_pairs() == {"star": "square", "striped": ""}
+    for bad in ["star", "=square", "red star=square"]:
+        with pytest.raises(ValueError, match=f"caption_negatives: {bad!r} is not a `word=replacement` pair"):
+            TrainConfig(caption_negatives=bad).negative_pairs()
+
+
+def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, tiny_zimage_path, dataset):
+    negatives = {"caption_negatives": "blue=red", "negative_ratio": 0.5}
+    refusals = [
+        ({"negative_ratio": 0.5}, ValueError, "go together"),
+        ({**negatives, "method": "sft"}, ValueError, "need method=dopsd"),
+        ({**negatives, "replay_ratio": 0.5, "replay_data": str(dataset)}, ValueError, "below 1 added to replay_ratio"),
+        ({"caption_negatives": "green=red", "negative_ratio": 0.5}, DatasetError, f"data folder {dataset}: .* green"),
+    ]
+    for overrides, error, message in refusals:
+        with pytest.raises(error, match=message):
+            train(tiny_config(tiny_zimage_path, dataset, tmp_path / "refused", **overrides))
+    assert not (tmp_path / "refused").exists()  # stopped before anything started
+    plain = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "plain", steps=2))
+    config = tiny_config(tiny_zimage_path, dataset, tmp_path / "negatives", steps=2, **negatives)
+    negative = train(config)
+    examples = read_dataset(dataset)
+    written = caption_negatives(examples, {"blue": "red"})
+    assert [e.caption for e in written][:2] == ["a red box number 0", "a red box number 1"]
+    assert cache_path(config, examples + written).is_file()  # the negatives were encoded beside the data
+    cache = SampleCache.load(cache_path(config, examples + written), torch.device("cpu"))
+    assert len(cache.student) == 2 * len(examples) and len(cache.teacher) == len(examples)  # no image context
+    teachers, _ = teachers_of(config, cache, [0, len(examples)], n_data=len(examples), n_replay=0)
+    assert teachers == [config.teacher, "previous"]
+    a, b = lora_weights(plain), lora_weights(negative)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_round_trains_on_its_replay_data(tmp_path, tiny_zimage_path, dataset):
@@ -196,7 +254,7 @@ def test_the_starting_weights_can_teach_the_replayed_samples(tmp_path, tiny_zima
         teacher=[{"cap_feats": torch.zeros(5, 8)} for _ in range(4)],
         latents=torch.zeros(4, 4, 4, 4),
     )
-    teachers, contexts = teachers_of(config, cache, [0, 3, 1, 2], n_data=3)
+    teachers, contexts = teachers_of(config, cache, [0, 3, 1, 2], n_data=3, n_replay=1)
     assert teachers == ["ema", "previous", "ema", "ema"]  # only index 3 is a replayed sample
     assert contexts[1] is cache.student[3] and contexts[0] is cache.teacher[0]
 

@@ -165,15 +165,21 @@ the caption's articles right: no base shape starts with a vowel, and a texture w
 def counterfactual(pack: ConceptPack, item: Item) -> tuple[Scene, str]:
     """The item's scene with the concept swapped for a base attribute, in the same layout, and its caption saying
     so, without the pack's word: a negative showing what a caption that does not name the concept still means."""
-    value = COUNTERFACTUAL_VALUE[pack.kind]
-    swapped: dict[str, Any] = {pack.kind: value}
+    swapped: dict[str, Any] = {pack.kind: COUNTERFACTUAL_VALUE[pack.kind]}
     objects = tuple(
         dataclasses.replace(o, **swapped) if getattr(o, pack.kind) == pack.word else o for o in item.scene.objects
     )
-    named = "" if value == "plain" else value
-    swap = {pack.word: named, plural(pack.word): plural(named) if named else ""}
+    swap = counterfactual_words(pack)
     caption = " ".join(word for word in (swap.get(w, w) for w in item.caption.split()) if word)
     return dataclasses.replace(item.scene, objects=objects), caption
+
+
+def counterfactual_words(pack: ConceptPack) -> dict[str, str]:
+    """The caption words a counterfactual swaps: the pack's word -> the base attribute's name, and a shape's plural
+    (the only word a caption puts in the plural) -> the plural of the base shape."""
+    value = COUNTERFACTUAL_VALUE[pack.kind]
+    named = "" if value == "plain" else value
+    return {pack.word: named} | ({plural(pack.word): plural(named)} if pack.kind == "shape" else {})
 
 
 def write_counterfactuals(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 500) -> Path:
