@@ -53,7 +53,10 @@ class TrainConfig:
     comma-separated `word=replacement` pairs (whole words, any case; an empty replacement drops the word), e.g.
     `star=square,stars=squares` or `striped=`. Each data caption naming a word gives a sample with the word replaced,
     taught by the weights the round starts from (`init_adapter`, else the base) from that caption alone, so the
-    student keeps drawing for it what it drew before the round. Needs method=dopsd and negative_ratio."""
+    student keeps drawing for it what it drew before the round. Needs method=dopsd and negative_ratio. On the nano
+    packs (star, teal, striped; 0.625, 3 seeds) retention was 0.445 / 0.455 / 0.511 against 0.360 / 0.446 / 0.402
+    without, the concept's leak into other prompts lower, teal and stripes learnt less
+    (reports/nano_science_caption_negatives.md)."""
     negative_ratio: float = 0.0
     """Share of each batch drawn from the caption negatives, as `replay_ratio` draws from the replay (the two added
     stay below 1)."""
