@@ -87,16 +87,22 @@ def read_dataset(folder: str | Path) -> list[Example]:
     return examples
 
 
-def caption_negatives(examples: list[Example], pairs: dict[str, str]) -> list[Example]:
-    """The examples whose caption names a word of `pairs` (whole words, any case), each with every such word replaced
-    (dropped when its replacement is empty). The image stays beside the new caption unused: a negative is taught from
-    its caption alone."""
+def swap_words(caption: str, pairs: dict[str, str]) -> tuple[str, int]:
+    """`caption` with every word of `pairs` (whole words, any case; keys in lower case) replaced, dropped when its
+    replacement is empty, and how many were."""
     if not pairs:
-        return []
+        return caption, 0
     words = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(pairs, key=len, reverse=True)) + r")\b", re.I)
+    swapped, named = words.subn(lambda match: pairs[match.group(1).lower()], caption)
+    return " ".join(swapped.split()), named
+
+
+def caption_negatives(examples: list[Example], pairs: dict[str, str]) -> list[Example]:
+    """The examples whose caption names a word of `pairs`, each with its words swapped (`swap_words`). The image
+    stays beside the new caption unused: a negative is taught from its caption alone."""
     negatives = []
     for example in examples:
-        caption, named = words.subn(lambda match: pairs[match.group(1).lower()], example.caption)
+        caption, named = swap_words(example.caption, pairs)
         if named:
-            negatives.append(Example(example.image_path, " ".join(caption.split())))
+            negatives.append(Example(example.image_path, caption))
     return negatives

@@ -277,13 +277,19 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, transformer, optimiz
     return int(json.loads((folder / "step.json").read_text())["step"])
 
 
+def first_caption_taught(config: TrainConfig, n_data: int, n_replay: int) -> int:
+    """Where, in the sample pool [data..., replay..., caption negatives...], the samples taught by the starting
+    weights from the caption begin: at the replay under replay_teacher=previous, else at the caption negatives. The
+    round's teacher teaches those before, seeing the image."""
+    return n_data if config.replay_teacher == "previous" else n_data + n_replay
+
+
 def teachers_of(
-    config: TrainConfig, cache: SampleCache, index: list[int], n_data: int, n_replay: int
+    config: TrainConfig, cache: SampleCache, index: list[int], taught: int
 ) -> tuple[list[TeacherKind], list[Context]]:
-    """Each drawn sample's teacher and its context: the round's teacher with the image context, except the caption
-    negatives (index >= n_data + n_replay), and the replayed samples under replay_teacher=previous, both taught by
-    the starting weights from the caption."""
-    previous = [i >= n_data + n_replay or (config.replay_teacher == "previous" and i >= n_data) for i in index]
+    """Each drawn sample's teacher and its context: the round's teacher with the image context for the first `taught`
+    samples of the pool, the starting weights with the caption for the rest (`first_caption_taught`)."""
+    previous = [i >= taught for i in index]
     teachers: list[TeacherKind] = ["previous" if p else config.teacher for p in previous]
     contexts = [cache.student[i] if p else cache.teacher[i] for i, p in zip(index, previous, strict=True)]
     return teachers, contexts
@@ -307,6 +313,8 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     examples = read_dataset(config.data)  # every data problem surfaces before a model is loaded
     replay = read_replay(config)
     negatives = read_negatives(config, examples)
+    pool = examples + replay + negatives
+    taught = first_caption_taught(config, len(examples), len(replay))
     model = build_model(config, device)
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
@@ -317,7 +325,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         config.lora_rank,
         config.lora_alpha,
         targets,
-        with_previous=config.replay_teacher == "previous" or bool(negatives),
+        with_previous=taught < len(pool),
     )
     if config.init_adapter:
         load_init_adapter(transformer, config.init_adapter)
@@ -331,8 +339,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     pairs = adapters.adapter_pairs(transformer)
 
     with accelerator.main_process_first():
-        taught = len(examples) + (0 if config.replay_teacher == "previous" else len(replay))
-        cache = build_cache(model, config, examples + replay + negatives, taught, device)
+        cache = build_cache(model, config, pool, taught, device)
     if device.type == "cuda":
         # Everything the round needs from the encoders is cached: give their memory to the transformer.
         for module in model.encoder_modules():
@@ -379,7 +386,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
             student = [cache.student[i] for i in index]
             with accelerator.autocast():
                 if config.method == "dopsd":
-                    teachers, teacher_contexts = teachers_of(config, cache, index, len(examples), len(replay))
+                    teachers, teacher_contexts = teachers_of(config, cache, index, taught)
                     out = dopsd_loss(
                         model,
                         student,

@@ -23,6 +23,7 @@ from dopsd.train import (
     cache_path,
     checkpoint_dirs,
     draw_batch,
+    first_caption_taught,
     teachers_of,
     train,
 )
@@ -213,7 +214,7 @@ def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, t
     assert cache_path(config, examples + written).is_file()  # the negatives were encoded beside the data
     cache = SampleCache.load(cache_path(config, examples + written), torch.device("cpu"))
     assert len(cache.student) == 2 * len(examples) and len(cache.teacher) == len(examples)  # no image context
-    teachers, _ = teachers_of(config, cache, [0, len(examples)], n_data=len(examples), n_replay=0)
+    teachers, _ = teachers_of(config, cache, [0, len(examples)], first_caption_taught(config, len(examples), 0))
     assert teachers == [config.teacher, "previous"]
     a, b = lora_weights(plain), lora_weights(negative)
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -254,7 +255,7 @@ def test_the_starting_weights_can_teach_the_replayed_samples(tmp_path, tiny_zima
         teacher=[{"cap_feats": torch.zeros(5, 8)} for _ in range(4)],
         latents=torch.zeros(4, 4, 4, 4),
     )
-    teachers, contexts = teachers_of(config, cache, [0, 3, 1, 2], n_data=3, n_replay=1)
+    teachers, contexts = teachers_of(config, cache, [0, 3, 1, 2], first_caption_taught(config, 3, 1))
     assert teachers == ["ema", "previous", "ema", "ema"]  # only index 3 is a replayed sample
     assert contexts[1] is cache.student[3] and contexts[0] is cache.teacher[0]
 

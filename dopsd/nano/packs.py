@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dopsd.data import swap_words
 from dopsd.nano.scenes import NUMBER_WORDS, RELATIONS, Item, article, plural, relation_holds, write_jsonl
 from dopsd.nano.world import GENEVAL_COLOURS, Scene, Vocabulary, place_objects, render
 
@@ -169,9 +170,7 @@ def counterfactual(pack: ConceptPack, item: Item) -> tuple[Scene, str]:
     objects = tuple(
         dataclasses.replace(o, **swapped) if getattr(o, pack.kind) == pack.word else o for o in item.scene.objects
     )
-    swap = counterfactual_words(pack)
-    caption = " ".join(word for word in (swap.get(w, w) for w in item.caption.split()) if word)
-    return dataclasses.replace(item.scene, objects=objects), caption
+    return dataclasses.replace(item.scene, objects=objects), swap_words(item.caption, counterfactual_words(pack))[0]
 
 
 def counterfactual_words(pack: ConceptPack) -> dict[str, str]:
