@@ -59,7 +59,7 @@ from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
-from evaluation.nano.premise import concept_leak, teacher_premise
+from evaluation.nano.premise import blank_share, concept_leak, teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
@@ -394,18 +394,21 @@ class Evaluation:
         digests_file.write_text(json.dumps(digests, indent=1))
         return report
 
-    def leaks(self, name: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
-        """`leak-<pack>` for every pack: the share of the model's retention samples (base prompts, none naming a
-        pack's concept) that show the pack's concept, read from the suite run's verdicts (`concept_leak`)."""
+    def found_metrics(self, name: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
+        """What the objects found in the model's retention samples (base prompts, none naming a pack's concept) say,
+        read from the suite run's verdicts: `leak-<pack>` for every pack, the share showing the pack's concept
+        (`concept_leak`), and `blank`, the share showing no object at all (`blank_share`)."""
         verdicts = report.verdicts.get(f"{self.retention.name}/{model}")
         rows = read_jsonl(self.folder(name, steps) / verdicts) if verdicts else []
-        return {f"leak-{pack}": concept_leak(PACK_BY_NAME[pack], rows) for pack in self.config.names("packs")}
+        leaks = {f"leak-{pack}": concept_leak(PACK_BY_NAME[pack], rows) for pack in self.config.names("packs")}
+        return leaks | {"blank": blank_share(rows)}
 
     def pack_metrics(self, pack: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
         """The reported metrics of one model in a pack's suite run (the concept set is named after its pack)."""
         values = report.metrics[model]
         metrics = {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
-        return metrics | {"leak": self.leaks(pack, report, steps, model)[f"leak-{pack}"]}
+        found = self.found_metrics(pack, report, steps, model)
+        return metrics | {"leak": found[f"leak-{pack}"], "blank": found["blank"]}
 
 
 def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:
@@ -494,9 +497,16 @@ def continual_study(
     sets = [evaluation.retention, *evaluation.concepts.values()]
     report = evaluation.run("continual", adapters, sets, config.deployed_steps)
     grids = evaluation.grids("continual", report, config.deployed_steps)
-    tracked = [f"concept-{p}/geneval/overall" for p in packs] + [METRICS["retention"]] + [f"leak-{p}" for p in packs]
+    tracked = (
+        [f"concept-{p}/geneval/overall" for p in packs]
+        + [METRICS["retention"]]
+        + [f"leak-{p}" for p in packs]
+        + ["blank"]
+    )
     steps = config.deployed_steps
-    metrics = {name: report.metrics[name] | evaluation.leaks("continual", report, steps, name) for name in adapters}
+    metrics = {
+        name: report.metrics[name] | evaluation.found_metrics("continual", report, steps, name) for name in adapters
+    }
     results: dict = {BASE: {after: {m: spread([metrics[BASE][m]]) for m in tracked} for after in packs}}
     for arm in config.names("continual_arms"):
         results[arm] = {
@@ -661,17 +671,17 @@ def render_markdown(results: dict) -> str:
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "
         f"{config['reference_images']} world renders. Leak: share of the retention samples showing a pack's concept "
-        "(no base prompt names it).",
+        "(no base prompt names it); blank: share of the retention samples showing no object at all.",
         *replay_lines(results.get("replay_plan", {})),
         "",
         f"## At {deployed} steps (the deployed setting)",
         "",
-        "| pack | model | concept accuracy | leak | retention | FID-nano | CLIPScore-nano | round seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pack | model | concept accuracy | leak | blank | retention | FID-nano | CLIPScore-nano | round seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for pack, study in results["packs"].items():
         for arm in arms:
-            values = [shown(study["metrics"][key][arm][deployed]) for key in ("concept", "leak", "retention")]
+            values = [shown(study["metrics"][key][arm][deployed]) for key in ("concept", "leak", "blank", "retention")]
             values += [
                 shown(study["metrics"]["fid"][arm][deployed], 1),
                 shown(study["metrics"]["clipscore"][arm][deployed]),

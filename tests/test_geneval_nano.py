@@ -1,5 +1,7 @@
 """GenEval-nano end to end: ground-truth renders score near the ceiling, a model's samples run through the same path."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from dopsd.sampling import sample_images
 from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.geneval_nano import geneval_nano, score_images
-from evaluation.nano.premise import concept_leak, shows_concept
+from evaluation.nano.premise import blank_share, concept_leak, shows_concept
 from evaluation.suite import verdict_row
 
 
@@ -53,6 +55,22 @@ def test_the_concept_is_found_in_renders_of_its_pack_and_not_in_their_counterfac
             assert concept_leak(pack, rows) == share
             assert share >= 0.95 if shown else share == 0, pack.name
         assert concept_leak(pack, [{k: v for k, v in row.items() if k != "found"} for row in rows]) is None
+
+
+def test_a_sample_without_any_object_counts_as_blank(detector):
+    # The same scenes with their objects taken away: the grey background the world renders them on, nothing more.
+    items = pack_items(PACKS[0])[:6]
+    scenes = [item.scene for item in items[:4]] + [dataclasses.replace(item.scene, objects=()) for item in items[4:]]
+    images = [render(scene) for scene in scenes]
+    rows = [
+        verdict_row(image, d, item.metadata, 0, detector_colours)
+        for image, d, item in zip(images, detector.detect(images), items, strict=True)
+    ]
+    assert [not row["found"] for row in rows] == [False] * 4 + [True] * 2
+    assert blank_share(rows) == pytest.approx(2 / 6)
+    assert blank_share(rows[:4]) == 0.0
+    assert blank_share([{k: v for k, v in row.items() if k != "found"} for row in rows]) is None
+    assert blank_share([]) is None
 
 
 def test_model_samples_are_scored_per_prompt_and_seed(tiny_zimage_path, detector):

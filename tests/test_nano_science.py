@@ -83,7 +83,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     results = json.loads(out.with_suffix(".json").read_text())
     for pack in ("star", "teal"):
         study = results["packs"][pack]
-        for key in ("concept", "leak", "retention", "clipscore"):
+        for key in ("concept", "leak", "blank", "retention", "clipscore"):
             for arm in ("base", "sft", "dopsd"):
                 for steps in ("1", "4"):
                     value = study["metrics"][key][arm][steps]
@@ -124,9 +124,10 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "retention/geneval/overall",
         "leak-star",
         "leak-teal",
+        "blank",
     }
     for after in ("star", "teal"):
-        assert all(0 <= continual[after][f"leak-{p}"]["mean"] <= 1 for p in ("star", "teal"))
+        assert all(0 <= continual[after][key]["mean"] <= 1 for key in ("leak-star", "leak-teal", "blank"))
     # +compose trains nothing of its own: after star it deploys the pack study's star round, after teal the sum of
     # the star and teal rounds (ranks stacked).
     composed = results["continual"]["dopsd+compose"]
@@ -147,7 +148,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
             for value in premise["dopsd"][after][pack].values():
                 assert value["n"] == 2 and 0 <= value["mean"] <= 1  # both seeds' chains measured
     text = out.read_text()
-    assert "| concept accuracy | leak | retention |" in text and "| leak-star | leak-teal |" in text
+    assert "| concept accuracy | leak | blank | retention |" in text and "| leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text and "Later rounds train at lr 0.0002" in text
     assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text

@@ -79,6 +79,15 @@ def concept_leak(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
     return float(np.mean([any(o[field] == pack.word for o in row["found"]) for row in verdicts]))
 
 
+def blank_share(verdicts: Sequence[dict]) -> float | None:
+    """Share of suite verdict rows whose image shows no object the rules keep: a sampler pulled between teachers that
+    disagree (a concept and its negatives, a new pack and an old one) learns to average their scenes, and an object
+    it averages away leaves a blank background. None when the rows do not record their objects."""
+    if not verdicts or any("found" not in row for row in verdicts):
+        return None
+    return float(np.mean([not row["found"] for row in verdicts]))
+
+
 def concept_share(pack: ConceptPack, detections: Sequence[Sequence[Detection]], records: Sequence[dict]) -> float:
     """Share of images (detections and records in the same order) that show the pack's concept."""
     return float(np.mean([shows_concept(pack, d, r["tag"]) for d, r in zip(detections, records, strict=True)]))
