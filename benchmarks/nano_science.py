@@ -73,6 +73,7 @@ ARMS: dict[str, dict] = {
     "dopsd-base-teacher-grad1": {"method": "dopsd", "teacher": "base", "grad_steps": 1},
     "dopsd-reference-guided": {"method": "dopsd", "teacher_guidance": 1.0},
     "dopsd-base-teacher-reference-guided": {"method": "dopsd", "teacher": "base", "teacher_guidance": 1.0},
+    "dopsd-base-teacher-anchored": {"method": "dopsd", "teacher": "base", "anchor_layout": True},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}

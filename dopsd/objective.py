@@ -31,7 +31,8 @@ class DopsdOutput:
     loss: torch.Tensor
     """Mean over trained roll-out steps; detached when the backward already ran per step."""
     step_losses: list[float]
-    """Loss of each trained roll-out step, in roll-out order."""
+    """Loss of each trained roll-out step, in roll-out order (anchored layout steps included, over their rows' share
+    of the batch)."""
     states: list[torch.Tensor]
     """The detached student states x_k the roll-out visited (one per step of the schedule)."""
 
@@ -48,6 +49,15 @@ def rollout_steps_to_train(
         return eligible
     drawn = torch.randperm(len(eligible), generator=generator)[:grad_steps].tolist()
     return sorted(eligible[i] for i in drawn)
+
+
+def layout_anchor_rows(teachers: Sequence[TeacherKind]) -> list[int]:
+    """The samples whose loss may reach above `loss_max_sigma`: those taught by the previous adapter, which sees the
+    caption alone. The reason for the cut, a teacher that sees the image and lays the scene out anew at the top
+    states, does not hold for them: that teacher follows the student's noise as the student does. Held there, they
+    keep the top states, which decide the layout and which no other loss reaches, where the round found them on the
+    prompts it should leave alone (benchmarks/adapter_steps.py: a chain's blank samples are made at those states)."""
+    return [i for i, kind in enumerate(teachers) if kind == "previous"]
 
 
 def prediction_distance(v_student, v_teacher, states, sigma, target: Target) -> torch.Tensor:
@@ -97,6 +107,7 @@ def dopsd_loss(
     teacher: TeacherKind | Sequence[TeacherKind] = "ema",
     grad_steps: int = 0,
     loss_max_sigma: float = 1.0,
+    anchor_layout: bool = False,
     teacher_guidance: float = 0.0,
     generator: torch.Generator | None = None,
     backward: Callable[[torch.Tensor, bool], None] | None = None,
@@ -105,7 +116,9 @@ def dopsd_loss(
     state it visits pull its prediction toward the teacher's (same network, teacher adapter, image context).
     `teacher` is one kind for the whole batch or one per sample (say, the previous adapter for replayed samples).
     `teacher_guidance` > 0 applies reference guidance to the teacher (`teacher_velocity`), the student's own
-    contexts serving as the caption alone.
+    contexts serving as the caption alone. With `anchor_layout`, the samples taught by the previous adapter also get
+    a loss at the states above `loss_max_sigma` (`layout_anchor_rows`), each such step weighing as a trained one
+    over its share of the batch.
 
     States are detached (no backprop through time). `backward(loss_term, is_last)` if given is called on each
     trained step's share of the mean, so callers can free graphs early and sync gradients once.
@@ -116,6 +129,8 @@ def dopsd_loss(
         raise ValueError(f"{len(teachers)} teacher kinds for a batch of {len(noise)}")
     num_steps = len(sigmas) - 1
     trained = rollout_steps_to_train(sigmas, grad_steps, generator, loss_max_sigma)
+    anchored = layout_anchor_rows(teachers) if anchor_layout else []
+    layout = [k for k in range(num_steps) if float(sigmas[k]) > loss_max_sigma] if anchored else []
     x = noise.float()
     states: list[torch.Tensor] = []
     terms: list[torch.Tensor] = []
@@ -124,16 +139,31 @@ def dopsd_loss(
         states.append(state)
         sigma = torch.full((state.shape[0],), float(sigmas[k]), device=state.device)
         train_here = k in trained
+        anchor_here = k in layout
+        if anchor_here:
+            v_anchor = teacher_velocity(
+                model,
+                state[anchored],
+                sigma[anchored],
+                [teacher_contexts[i] for i in anchored],
+                [student_contexts[i] for i in anchored],
+                [teachers[i] for i in anchored],
+            )
         if train_here:
             # Teacher first: its forward then never coexists with the student's stored activations.
             v_teacher = teacher_velocity(
                 model, state, sigma, teacher_contexts, student_contexts, teachers, teacher_guidance
             )
         # The backward runs under the student adapter too: gradient checkpointing recomputes with it.
-        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here):
+        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here or anchor_here):
             v_student = model.velocity(state, sigma, student_contexts)
+            term = None
             if train_here:
                 term = prediction_distance(v_student, v_teacher, state, sigma, target) / len(trained)
+            elif anchor_here:
+                distance = prediction_distance(v_student[anchored], v_anchor, state[anchored], sigma[anchored], target)
+                term = distance * len(anchored) / len(noise) / len(trained)
+            if term is not None:
                 if backward is not None:
                     backward(term, k == trained[-1])
                     term = term.detach()

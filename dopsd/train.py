@@ -315,6 +315,12 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     negatives = read_negatives(config, examples)
     pool = examples + replay + negatives
     taught = first_caption_taught(config, len(examples), len(replay))
+    if config.anchor_layout and (config.method != "dopsd" or taught == len(pool)):
+        raise ValueError(
+            "anchor_layout holds the samples taught by the starting weights from the caption at the top roll-out "
+            "states: it needs method=dopsd and such samples (replay_data with replay_teacher=previous, or "
+            f"caption_negatives); got method={config.method} and {len(pool) - taught} such samples"
+        )
     model = build_model(config, device)
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
@@ -397,6 +403,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                         teacher=teachers,
                         grad_steps=config.grad_steps,
                         loss_max_sigma=config.loss_max_sigma,
+                        anchor_layout=config.anchor_layout,
                         teacher_guidance=config.teacher_guidance,
                         generator=generators["noise"],
                         backward=functools.partial(backward_share, final_micro=last_micro)

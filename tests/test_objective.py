@@ -218,6 +218,41 @@ def test_loss_max_sigma_trains_only_the_later_states(model):
         rollout_steps_to_train(SIGMAS, 0, None, loss_max_sigma=0.1)
 
 
+def test_the_layout_anchor_holds_the_caption_taught_samples_at_the_top_states(tiny_zimage_path):
+    torch.manual_seed(0)
+    model = ZImageModel.load(tiny_zimage_path)
+    transformer = model.pipeline.transformer
+    adapters.add_student_teacher(transformer, 4, 8.0, model.default_lora_targets, with_previous=True)
+    perturb_student(model)  # the previous adapter stays at the base: it now differs from the student
+    student, n = model.encode_student(PROMPTS), noise(model)
+    kinds = ["previous", "base"]
+    plain = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75)
+    held = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=True)
+    # Two more terms, the states at sigma 1 and .9, then the trained states unchanged.
+    assert len(plain.step_losses) == 2 and held.step_losses[2:] == pytest.approx(plain.step_losses, rel=1e-5)
+    # At sigma 1 the state is the noise: the term is the first sample's x0 distance to the previous adapter's,
+    # over its half of the batch; the base-taught second sample adds nothing there.
+    sigma = torch.ones(1)
+    with torch.no_grad(), adapters.use_adapter(transformer, adapters.STUDENT):
+        x0_student = model.predicted_x0(n[:1], sigma, student[:1])
+    with torch.no_grad(), adapters.use_adapter(transformer, adapters.PREVIOUS):
+        x0_previous = model.predicted_x0(n[:1], sigma, student[:1])
+    expected = torch.nn.functional.mse_loss(x0_student, x0_previous).item() / 2
+    assert expected > 0 and held.step_losses[0] == pytest.approx(expected, rel=1e-4)
+    # No sample taught by the previous adapter: nothing to hold, the loss is the plain one.
+    unheld = dopsd_loss(model, student, student, n, SIGMAS, teacher="base", loss_max_sigma=0.75, anchor_layout=True)
+    base_only = dopsd_loss(model, student, student, n, SIGMAS, teacher="base", loss_max_sigma=0.75)
+    assert unheld.step_losses == pytest.approx(base_only.step_losses, rel=1e-5)
+    # The held terms' gradient reaches the student adapter.
+    transformer.zero_grad(set_to_none=True)
+    top_only = dopsd_loss(
+        model, student, student, n, SIGMAS, teacher="previous", loss_max_sigma=0.75, anchor_layout=True
+    )
+    top_only.loss.backward()
+    grads = [p.grad for name, p in transformer.named_parameters() if f".{adapters.STUDENT}." in name]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_sft_loss_is_flow_matching(model):
     ctx = model.encode_student(PROMPTS)
     latents = model.to_latents(images(2), 32, 32)

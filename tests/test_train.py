@@ -200,6 +200,7 @@ def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, t
         ({**negatives, "method": "sft"}, ValueError, "need method=dopsd"),
         ({**negatives, "replay_ratio": 0.5, "replay_data": str(dataset)}, ValueError, "below 1 added to replay_ratio"),
         ({"caption_negatives": "green=red", "negative_ratio": 0.5}, DatasetError, f"data folder {dataset}: .* green"),
+        ({"anchor_layout": True}, ValueError, "anchor_layout holds .* got method=dopsd and 0 such samples"),
     ]
     for overrides, error, message in refusals:
         with pytest.raises(error, match=message):
@@ -218,6 +219,12 @@ def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, t
     assert teachers == [config.teacher, "previous"]
     a, b = lora_weights(plain), lora_weights(negative)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    # With a loss only at sigma <= 0.75, holding the negatives at the top states too (anchor_layout) trains other
+    # weights than leaving those states alone.
+    top = {"steps": 2, "loss_max_sigma": 0.75, **negatives}
+    free = lora_weights(train(tiny_config(tiny_zimage_path, dataset, tmp_path / "free", **top)))
+    held = lora_weights(train(tiny_config(tiny_zimage_path, dataset, tmp_path / "held", anchor_layout=True, **top)))
+    assert any(not torch.equal(free[k], held[k]) for k in free)
 
 
 def test_a_round_trains_on_its_replay_data(tmp_path, tiny_zimage_path, dataset):
