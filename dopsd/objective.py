@@ -29,7 +29,8 @@ TEACHER_ADAPTER: dict[str, str | None] = {"ema": TEACHER, "base": None, "live": 
 @dataclass
 class DopsdOutput:
     loss: torch.Tensor
-    """Mean over trained roll-out steps; detached when the backward already ran per step."""
+    """Mean over trained roll-out steps (plus the anchored layout terms); detached when the backward already ran per
+    step."""
     step_losses: list[float]
     """Loss of each trained roll-out step, in roll-out order (anchored layout steps included, over their rows' share
     of the batch)."""

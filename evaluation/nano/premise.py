@@ -80,9 +80,9 @@ def concept_leak(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
 
 
 def blank_share(verdicts: Sequence[dict]) -> float | None:
-    """Share of suite verdict rows whose image shows no object the rules keep: a sampler pulled between teachers that
-    disagree (a concept and its negatives, a new pack and an old one) learns to average their scenes, and an object
-    it averages away leaves a blank background. None when the rows do not record their objects."""
+    """Share of suite verdict rows whose image shows no object the rules keep, only the background: on the nano world
+    the chained rounds that try to keep earlier concepts lose objects this way, at the top sampling states that no
+    loss reaches (benchmarks/adapter_steps.py). None when the rows do not record their objects."""
     if not verdicts or any("found" not in row for row in verdicts):
         return None
     return float(np.mean([not row["found"] for row in verdicts]))
