@@ -66,6 +66,8 @@ class AdapterStepsConfig:
         if not pairs or any(not name or not sep or not folder for name, sep, folder in pairs):
             raise ValueError(f"adapters must be name=folder pairs, got {self.adapters!r}")
         for name, _, folder in pairs:
+            if "." in name or name == BASE:
+                raise ValueError(f"adapter name {name!r}: no '.' (a PEFT adapter name) and not {BASE!r}")
             if not Path(folder).is_dir():
                 raise ValueError(f"adapter {name}: {folder} is not a folder")
         if any(not 0 < cut <= 1 for cut in self.cut_values()):

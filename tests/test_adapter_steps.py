@@ -49,6 +49,8 @@ def test_the_adapter_is_on_only_at_states_up_to_the_cut(tiny_zimage_path):
 def test_bad_adapter_lists_and_cuts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="name=folder pairs"):
         AdapterStepsConfig(adapters=str(tmp_path))
+    with pytest.raises(ValueError, match="adapter name 'lr0.5': no '.'"):
+        AdapterStepsConfig(adapters=f"lr0.5={tmp_path}")
     with pytest.raises(ValueError, match="chain: .* is not a folder"):
         AdapterStepsConfig(adapters=f"chain={tmp_path / 'missing'}")
     with pytest.raises(ValueError, match=r"cuts must lie in \(0, 1\]"):
