@@ -31,10 +31,9 @@ from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.sampling import sample_images
 from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
-from evaluation.nano.geneval_nano import score_detections
 from evaluation.nano.premise import blank_share
 from evaluation.prompt_sets import first_per_task, read_prompts, retention_set
-from evaluation.suite import verdict_row
+from evaluation.suite import rows_score, verdict_row
 
 BASE = "base"
 
@@ -62,7 +61,7 @@ class AdapterStepsConfig:
     """The Markdown report (JSON beside it)."""
 
     def __post_init__(self):
-        pairs = [pair.partition("=") for pair in comma_separated(self.adapters)]
+        pairs = self.adapter_pairs()
         if not pairs or any(not name or not sep or not folder for name, sep, folder in pairs):
             raise ValueError(f"adapters must be name=folder pairs, got {self.adapters!r}")
         for name, _, folder in pairs:
@@ -73,8 +72,12 @@ class AdapterStepsConfig:
         if any(not 0 < cut <= 1 for cut in self.cut_values()):
             raise ValueError(f"cuts must lie in (0, 1], got {self.cuts!r}")
 
+    def adapter_pairs(self) -> list[tuple[str, str, str]]:
+        """Each `name=folder` item split at its first `=`: (name, "=", folder), the separator empty where missing."""
+        return [pair.partition("=") for pair in comma_separated(self.adapters)]
+
     def adapter_folders(self) -> dict[str, str]:
-        return {name: folder for name, _, folder in (pair.partition("=") for pair in comma_separated(self.adapters))}
+        return {name: folder for name, _, folder in self.adapter_pairs()}
 
     def cut_values(self) -> list[float]:
         return [float(cut) for cut in comma_separated(self.cuts)]
@@ -100,18 +103,18 @@ class AdapterUpToSigma:
 def score(
     model: AdapterUpToSigma, records: list[dict], config: AdapterStepsConfig, detector: NanoDetector
 ) -> dict[str, float | None]:
-    """GenEval-nano overall and blank share of the model's samples of `records` (context-major, as sampled)."""
+    """GenEval-nano overall and blank share of the model's samples of `records` (context-major, as sampled), both
+    read from the suite's verdict rows (each image judged once)."""
     seeds = range(config.images)
     images = sample_images(
         model, model.encode_student([r["prompt"] for r in records]), seeds, config.steps, NANO_RESOLUTION
     )
     shown = [r for r in records for _ in seeds]
-    detections = detector.detect(images)
     rows = [
         verdict_row(image, found, record, 0, detector_colours)
-        for image, found, record in zip(images, detections, shown, strict=True)
+        for image, found, record in zip(images, detector.detect(images), shown, strict=True)
     ]
-    return {"overall": score_detections(images, detections, shown)[0].overall, "blank": blank_share(rows)}
+    return {"overall": rows_score(rows).overall, "blank": blank_share(rows)}
 
 
 def measure(config: AdapterStepsConfig, log=print) -> dict:

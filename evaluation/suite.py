@@ -30,6 +30,7 @@ from evaluation.fidelity import ImageEmbedder, target_similarity
 from evaluation.geneval.detection import Detection, Detector
 from evaluation.geneval.rules import (
     ColourClassifier,
+    GenevalScore,
     Verdict,
     aggregate,
     detector_colours,
@@ -145,6 +146,11 @@ def verdict_row(
     return {"prompt": record["prompt"], "seed": seed, **dataclasses.asdict(verdict), "found": found}
 
 
+def rows_score(rows: Sequence[dict]) -> GenevalScore:
+    """The GenEval score of verdict rows (`verdict_row`), read back as verdicts."""
+    return aggregate([Verdict(row["tag"], row["correct"], row["reason"]) for row in rows])
+
+
 def score_batch(
     scores: SampleScores,
     images: list[Image.Image],
@@ -191,7 +197,7 @@ def set_metrics(
         missing("geneval/overall", "detector")
     elif prompt_set.is_geneval:
         for name, s in scores.items():
-            score = aggregate([Verdict(v["tag"], v["correct"], v["reason"]) for v in s.verdicts])
+            score = rows_score(s.verdicts)
             metrics[name]["geneval/overall"] = score.overall
             metrics[name].update({f"geneval/{task}": value for task, value in sorted(score.tasks.items())})
     if evaluators.clip is None:
