@@ -73,7 +73,9 @@ ARMS: dict[str, dict] = {
     "dopsd-base-teacher-grad1": {"method": "dopsd", "teacher": "base", "grad_steps": 1},
     "dopsd-reference-guided": {"method": "dopsd", "teacher_guidance": 1.0},
     "dopsd-base-teacher-reference-guided": {"method": "dopsd", "teacher": "base", "teacher_guidance": 1.0},
-    "dopsd-base-teacher-anchored": {"method": "dopsd", "teacher": "base", "anchor_layout": True},
+    "dopsd-base-teacher-anchored": {"method": "dopsd", "teacher": "base", "anchor_layout": 1.0},
+    "dopsd-base-teacher-anchored-half": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.5},
+    "dopsd-base-teacher-anchored-quarter": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.25},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}

@@ -117,11 +117,12 @@ class TrainConfig:
     loss_max_sigma: float = 1.0
     """Roll-out states above this sigma are visited but get no loss: there the teacher, seeing the image, lays the
     scene out anew rather than following the student's noise, and the student can only average its layouts."""
-    anchor_layout: bool = False
-    """Give the samples taught by the starting weights from the caption (replay under replay_teacher=previous,
-    caption negatives) a loss at the roll-out states above loss_max_sigma too. Those states decide the layout; no
-    other loss reaches them, yet they move with the shared weights: on the nano world a chain's samples without any
-    object, and its concepts, are made there (reports/nano_adapter_steps.md). Needs such samples."""
+    anchor_layout: float = 0.0
+    """Weight of a loss, at the roll-out states above loss_max_sigma, on the samples taught by the starting weights
+    from the caption (replay under replay_teacher=previous, caption negatives); 1 weighs each such state as a trained
+    one, 0 turns it off. Those states decide the layout; no other loss reaches them, yet they move with the shared
+    weights: on the nano world a chain's samples without any object, and its concepts, are made there
+    (reports/nano_adapter_steps.md). Needs such samples."""
     teacher_guidance: float = 0.0
     """Reference guidance of the teacher: v + w * (v - v_caption), its velocity pushed away from its own
     caption-only prediction, so what only the image conveys (the unnamed concept) weighs w + 1 times. One more
@@ -146,11 +147,9 @@ class TrainConfig:
     """FLUX.2-klein only: comma-separated hidden-state layers stacked into the context (empty: 9,18,27)."""
 
     def __post_init__(self) -> None:
-        for name in ("teacher_guidance", "guidance"):
+        for name in ("teacher_guidance", "guidance", "anchor_layout"):
             if getattr(self, name) < 0:
-                raise ValueError(
-                    f"config field {name!r}: must be >= 0 (0 turns guidance off), got {getattr(self, name)}"
-                )
+                raise ValueError(f"config field {name!r}: must be >= 0 (0 turns it off), got {getattr(self, name)}")
 
     def sigmas_list(self) -> list[float]:
         values = [float(s) for s in self.rollout_sigmas.split(",") if s.strip()]

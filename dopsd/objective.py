@@ -32,8 +32,8 @@ class DopsdOutput:
     """Mean over trained roll-out steps (plus the anchored layout terms); detached when the backward already ran per
     step."""
     step_losses: list[float]
-    """Loss of each trained roll-out step, in roll-out order (anchored layout steps included, over their rows' share
-    of the batch)."""
+    """Loss of each trained roll-out step, in roll-out order (anchored layout steps included, weighted, over their
+    rows' share of the batch)."""
     states: list[torch.Tensor]
     """The detached student states x_k the roll-out visited (one per step of the schedule)."""
 
@@ -108,7 +108,7 @@ def dopsd_loss(
     teacher: TeacherKind | Sequence[TeacherKind] = "ema",
     grad_steps: int = 0,
     loss_max_sigma: float = 1.0,
-    anchor_layout: bool = False,
+    anchor_layout: float = 0.0,
     teacher_guidance: float = 0.0,
     generator: torch.Generator | None = None,
     backward: Callable[[torch.Tensor, bool], None] | None = None,
@@ -117,9 +117,9 @@ def dopsd_loss(
     state it visits pull its prediction toward the teacher's (same network, teacher adapter, image context).
     `teacher` is one kind for the whole batch or one per sample (say, the previous adapter for replayed samples).
     `teacher_guidance` > 0 applies reference guidance to the teacher (`teacher_velocity`), the student's own
-    contexts serving as the caption alone. With `anchor_layout`, the samples taught by the previous adapter also get
-    a loss at the states above `loss_max_sigma` (`layout_anchor_rows`), each such step weighing as a trained one
-    over its share of the batch.
+    contexts serving as the caption alone. With `anchor_layout` w > 0, the samples taught by the previous adapter also
+    get a loss at the states above `loss_max_sigma` (`layout_anchor_rows`), each such step weighing w times a trained
+    one over its share of the batch.
 
     States are detached (no backprop through time). `backward(loss_term, is_last)` if given is called on each
     trained step's share of the mean, so callers can free graphs early and sync gradients once.
@@ -130,7 +130,7 @@ def dopsd_loss(
         raise ValueError(f"{len(teachers)} teacher kinds for a batch of {len(noise)}")
     num_steps = len(sigmas) - 1
     trained = rollout_steps_to_train(sigmas, grad_steps, generator, loss_max_sigma)
-    anchored = layout_anchor_rows(teachers) if anchor_layout else []
+    anchored = layout_anchor_rows(teachers) if anchor_layout > 0 else []
     layout = [k for k in range(num_steps) if float(sigmas[k]) > loss_max_sigma] if anchored else []
     x = noise.float()
     states: list[torch.Tensor] = []
@@ -163,7 +163,7 @@ def dopsd_loss(
                 term = prediction_distance(v_student, v_teacher, state, sigma, target) / len(trained)
             elif anchor_here:
                 distance = prediction_distance(v_student[anchored], v_anchor, state[anchored], sigma[anchored], target)
-                term = distance * len(anchored) / len(noise) / len(trained)
+                term = anchor_layout * distance * len(anchored) / len(noise) / len(trained)
             if term is not None:
                 if backward is not None:
                     backward(term, k == trained[-1])

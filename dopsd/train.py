@@ -315,7 +315,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     negatives = read_negatives(config, examples)
     pool = examples + replay + negatives
     taught = first_caption_taught(config, len(examples), len(replay))
-    if config.anchor_layout and (config.method != "dopsd" or taught == len(pool)):
+    if config.anchor_layout > 0 and (config.method != "dopsd" or taught == len(pool)):
         raise ValueError(
             "anchor_layout holds the samples taught by the starting weights from the caption at the top roll-out "
             "states: it needs method=dopsd and such samples (replay_data with replay_teacher=previous, or "

@@ -227,7 +227,7 @@ def test_the_layout_anchor_holds_the_caption_taught_samples_at_the_top_states(ti
     student, n = model.encode_student(PROMPTS), noise(model)
     kinds = ["previous", "base"]
     plain = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75)
-    held = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=True)
+    held = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=1.0)
     # Two more terms, the states at sigma 1 and .9, then the trained states unchanged.
     assert len(plain.step_losses) == 2 and held.step_losses[2:] == pytest.approx(plain.step_losses, rel=1e-5)
     # At sigma 1 the state is the noise: the term is the first sample's x0 distance to the previous adapter's,
@@ -239,14 +239,18 @@ def test_the_layout_anchor_holds_the_caption_taught_samples_at_the_top_states(ti
         x0_previous = model.predicted_x0(n[:1], sigma, student[:1])
     expected = torch.nn.functional.mse_loss(x0_student, x0_previous).item() / 2
     assert expected > 0 and held.step_losses[0] == pytest.approx(expected, rel=1e-4)
+    # A weight below 1 scales the held terms alone.
+    light = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=0.25)
+    assert light.step_losses[:2] == pytest.approx([0.25 * x for x in held.step_losses[:2]], rel=1e-4)
+    assert light.step_losses[2:] == pytest.approx(plain.step_losses, rel=1e-5)
     # No sample taught by the previous adapter: nothing to hold, the loss is the plain one.
-    unheld = dopsd_loss(model, student, student, n, SIGMAS, teacher="base", loss_max_sigma=0.75, anchor_layout=True)
+    unheld = dopsd_loss(model, student, student, n, SIGMAS, teacher="base", loss_max_sigma=0.75, anchor_layout=1.0)
     base_only = dopsd_loss(model, student, student, n, SIGMAS, teacher="base", loss_max_sigma=0.75)
     assert unheld.step_losses == pytest.approx(base_only.step_losses, rel=1e-5)
     # The held terms' gradient reaches the student adapter.
     transformer.zero_grad(set_to_none=True)
     top_only = dopsd_loss(
-        model, student, student, n, SIGMAS, teacher="previous", loss_max_sigma=0.75, anchor_layout=True
+        model, student, student, n, SIGMAS, teacher="previous", loss_max_sigma=0.75, anchor_layout=1.0
     )
     top_only.loss.backward()
     grads = [p.grad for name, p in transformer.named_parameters() if f".{adapters.STUDENT}." in name]

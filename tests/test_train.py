@@ -200,7 +200,8 @@ def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, t
         ({**negatives, "method": "sft"}, ValueError, "need method=dopsd"),
         ({**negatives, "replay_ratio": 0.5, "replay_data": str(dataset)}, ValueError, "below 1 added to replay_ratio"),
         ({"caption_negatives": "green=red", "negative_ratio": 0.5}, DatasetError, f"data folder {dataset}: .* green"),
-        ({"anchor_layout": True}, ValueError, "anchor_layout holds .* got method=dopsd and 0 such samples"),
+        ({"anchor_layout": 1.0}, ValueError, "anchor_layout holds .* got method=dopsd and 0 such samples"),
+        ({**negatives, "anchor_layout": -1.0}, ValueError, "'anchor_layout': must be >= 0"),
     ]
     for overrides, error, message in refusals:
         with pytest.raises(error, match=message):
@@ -223,7 +224,7 @@ def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, t
     # weights than leaving those states alone.
     top = {"steps": 2, "loss_max_sigma": 0.75, **negatives}
     free = lora_weights(train(tiny_config(tiny_zimage_path, dataset, tmp_path / "free", **top)))
-    held = lora_weights(train(tiny_config(tiny_zimage_path, dataset, tmp_path / "held", anchor_layout=True, **top)))
+    held = lora_weights(train(tiny_config(tiny_zimage_path, dataset, tmp_path / "held", anchor_layout=1.0, **top)))
     assert any(not torch.equal(free[k], held[k]) for k in free)
 
 
