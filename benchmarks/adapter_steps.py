@@ -33,7 +33,7 @@ from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.premise import blank_share
 from evaluation.prompt_sets import first_per_task, read_prompts, retention_set
-from evaluation.suite import rows_score, verdict_row
+from evaluation.suite import rows_score, verdict_rows
 
 BASE = "base"
 
@@ -110,10 +110,7 @@ def score(
         model, model.encode_student([r["prompt"] for r in records]), seeds, config.steps, NANO_RESOLUTION
     )
     shown = [r for r in records for _ in seeds]
-    rows = [
-        verdict_row(image, found, record, 0, detector_colours)
-        for image, found, record in zip(images, detector.detect(images), shown, strict=True)
-    ]
+    rows = verdict_rows(detector, images, shown, [seed for _ in records for seed in seeds], detector_colours)
     return {"overall": rows_score(rows).overall, "blank": blank_share(rows)}
 
 

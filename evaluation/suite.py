@@ -146,6 +146,20 @@ def verdict_row(
     return {"prompt": record["prompt"], "seed": seed, **dataclasses.asdict(verdict), "found": found}
 
 
+def verdict_rows(
+    detector: Detector,
+    images: list[Image.Image],
+    records: Sequence[dict],
+    seeds: Sequence[int],
+    classify_colour: ColourClassifier,
+) -> list[dict]:
+    """`verdict_row` of each image (records[i] and seeds[i] are what images[i] was made for), detected as one batch."""
+    return [
+        verdict_row(image, detections, record, seed, classify_colour)
+        for image, detections, record, seed in zip(images, detector.detect(images), records, seeds, strict=True)
+    ]
+
+
 def rows_score(rows: Sequence[dict]) -> GenevalScore:
     """The GenEval score of verdict rows (`verdict_row`), read back as verdicts."""
     return aggregate([Verdict(row["tag"], row["correct"], row["reason"]) for row in rows])
@@ -162,10 +176,7 @@ def score_batch(
 ) -> None:
     """Add one batch of samples (records[i] is what images[i] was made for, from seeds[i]) to `scores`."""
     if geneval and evaluators.detector is not None:
-        for image, detections, record, seed in zip(
-            images, evaluators.detector.detect(images), records, seeds, strict=True
-        ):
-            scores.verdicts.append(verdict_row(image, detections, record, seed, evaluators.colour_classifier))
+        scores.verdicts += verdict_rows(evaluators.detector, images, records, seeds, evaluators.colour_classifier)
     if evaluators.clip is not None:
         scores.clip_scores += clip_score(evaluators.clip, images, [r["prompt"] for r in records]).tolist()
     if evaluators.fid is not None:
