@@ -76,6 +76,14 @@ ARMS: dict[str, dict] = {
     "dopsd-base-teacher-anchored": {"method": "dopsd", "teacher": "base", "anchor_layout": 1.0},
     "dopsd-base-teacher-anchored-half": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.5},
     "dopsd-base-teacher-anchored-quarter": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.25},
+    "dopsd-base-teacher-anchored-top": {
+        "method": "dopsd",
+        "teacher": "base",
+        "anchor_layout": 1.0,
+        "anchor_min_sigma": 0.95,
+    },
+    "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
+    "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}

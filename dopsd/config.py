@@ -123,6 +123,14 @@ class TrainConfig:
     one, 0 turns it off. Those states decide the layout; no other loss reaches them, yet they move with the shared
     weights: on the nano world a chain's samples without any object, and its concepts, are made there
     (reports/nano_adapter_steps.md). Needs such samples."""
+    anchor_min_sigma: float = 0.0
+    """anchor_layout holds only the roll-out states of sigma >= this (0: every state above loss_max_sigma); say
+    0.95 for sigma 1 alone, leaving sigma 0.9 to move with the new concept."""
+    top_state_means: float = 0.0
+    """Weight of a loss, at the roll-out states above loss_max_sigma, on every other sample (those taught with the
+    image), between only the spatial means of each latent channel of the student's and the teacher's predicted x0:
+    what the image conveys without its layout (its colours), where the full prediction would average layouts. 1
+    weighs each such state as a trained one, 0 turns it off."""
     teacher_guidance: float = 0.0
     """Reference guidance of the teacher: v + w * (v - v_caption), its velocity pushed away from its own
     caption-only prediction, so what only the image conveys (the unnamed concept) weighs w + 1 times. One more
@@ -147,7 +155,7 @@ class TrainConfig:
     """FLUX.2-klein only: comma-separated hidden-state layers stacked into the context (empty: 9,18,27)."""
 
     def __post_init__(self) -> None:
-        for name in ("teacher_guidance", "guidance", "anchor_layout"):
+        for name in ("teacher_guidance", "guidance", "anchor_layout", "anchor_min_sigma", "top_state_means"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name!r}: must be >= 0 (0 turns it off), got {getattr(self, name)}")
 

@@ -61,12 +61,20 @@ def layout_anchor_rows(teachers: Sequence[TeacherKind]) -> list[int]:
     return [i for i, kind in enumerate(teachers) if kind == "previous"]
 
 
-def prediction_distance(v_student, v_teacher, states, sigma, target: Target) -> torch.Tensor:
-    """MSE of the predicted x0 (x - sigma * v) or of the velocity itself, per sample averaged."""
+def prediction_distance(
+    v_student, v_teacher, states, sigma, target: Target, spatial_means: bool = False
+) -> torch.Tensor:
+    """MSE of the predicted x0 (x - sigma * v) or of the velocity itself, per sample averaged. With `spatial_means`,
+    of each latent channel's mean over the image instead (latents are (B, C, H, W)): what does not depend on where
+    things are, such as the image's colours."""
     if target == "velocity":
-        return F.mse_loss(v_student, v_teacher)
-    s = sigma.view(-1, *([1] * (states.dim() - 1)))
-    return F.mse_loss(states - s * v_student, states - s * v_teacher)
+        student, teacher = v_student, v_teacher
+    else:
+        s = sigma.view(-1, *([1] * (states.dim() - 1)))
+        student, teacher = states - s * v_student, states - s * v_teacher
+    if spatial_means:
+        student, teacher = student.mean(dim=(-2, -1)), teacher.mean(dim=(-2, -1))
+    return F.mse_loss(student, teacher)
 
 
 @torch.no_grad()
@@ -109,6 +117,8 @@ def dopsd_loss(
     grad_steps: int = 0,
     loss_max_sigma: float = 1.0,
     anchor_layout: float = 0.0,
+    anchor_min_sigma: float = 0.0,
+    top_state_means: float = 0.0,
     teacher_guidance: float = 0.0,
     generator: torch.Generator | None = None,
     backward: Callable[[torch.Tensor, bool], None] | None = None,
@@ -118,8 +128,10 @@ def dopsd_loss(
     `teacher` is one kind for the whole batch or one per sample (say, the previous adapter for replayed samples).
     `teacher_guidance` > 0 applies reference guidance to the teacher (`teacher_velocity`), the student's own
     contexts serving as the caption alone. With `anchor_layout` w > 0, the samples taught by the previous adapter also
-    get a loss at the states above `loss_max_sigma` (`layout_anchor_rows`), each such step weighing w times a trained
-    one over its share of the batch.
+    get a loss at the states above `loss_max_sigma` (`layout_anchor_rows`) and at or above `anchor_min_sigma`, each
+    such step weighing w times a trained one over its share of the batch. With `top_state_means` w > 0, the other
+    samples get a loss at every state above `loss_max_sigma`, on the spatial means of the predictions alone
+    (`prediction_distance`), weighing w likewise.
 
     States are detached (no backprop through time). `backward(loss_term, is_last)` if given is called on each
     trained step's share of the mean, so callers can free graphs early and sync gradients once.
@@ -131,7 +143,8 @@ def dopsd_loss(
     num_steps = len(sigmas) - 1
     trained = rollout_steps_to_train(sigmas, grad_steps, generator, loss_max_sigma)
     anchored = layout_anchor_rows(teachers) if anchor_layout > 0 else []
-    layout = [k for k in range(num_steps) if float(sigmas[k]) > loss_max_sigma] if anchored else []
+    pooled = [i for i in range(len(noise)) if i not in anchored] if top_state_means > 0 else []
+    top_states = [k for k in range(num_steps) if float(sigmas[k]) > loss_max_sigma]
     x = noise.float()
     states: list[torch.Tensor] = []
     terms: list[torch.Tensor] = []
@@ -140,15 +153,18 @@ def dopsd_loss(
         states.append(state)
         sigma = torch.full((state.shape[0],), float(sigmas[k]), device=state.device)
         train_here = k in trained
-        anchor_here = k in layout
-        if anchor_here:
-            v_anchor = teacher_velocity(
+        held = anchored if k in top_states and float(sigmas[k]) >= anchor_min_sigma else []
+        top_rows = held + (pooled if k in top_states else [])
+        top_here = bool(top_rows)
+        if top_here:
+            v_top = teacher_velocity(
                 model,
-                state[anchored],
-                sigma[anchored],
-                [teacher_contexts[i] for i in anchored],
-                [student_contexts[i] for i in anchored],
-                [teachers[i] for i in anchored],
+                state[top_rows],
+                sigma[top_rows],
+                [teacher_contexts[i] for i in top_rows],
+                [student_contexts[i] for i in top_rows],
+                [teachers[i] for i in top_rows],
+                teacher_guidance if pooled else 0.0,
             )
         if train_here:
             # Teacher first: its forward then never coexists with the student's stored activations.
@@ -156,14 +172,25 @@ def dopsd_loss(
                 model, state, sigma, teacher_contexts, student_contexts, teachers, teacher_guidance
             )
         # The backward runs under the student adapter too: gradient checkpointing recomputes with it.
-        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here or anchor_here):
+        with use_adapter(transformer, STUDENT), torch.set_grad_enabled(train_here or top_here):
             v_student = model.velocity(state, sigma, student_contexts)
             term = None
             if train_here:
                 term = prediction_distance(v_student, v_teacher, state, sigma, target) / len(trained)
-            elif anchor_here:
-                distance = prediction_distance(v_student[anchored], v_anchor, state[anchored], sigma[anchored], target)
-                term = anchor_layout * distance * len(anchored) / len(noise) / len(trained)
+            elif top_here:
+                # Each row weighs its share of the batch, as in a trained step's mean.
+                term = torch.zeros((), device=state.device)
+                if held:
+                    distance = prediction_distance(
+                        v_student[held], v_top[: len(held)], state[held], sigma[held], target
+                    )
+                    term = term + anchor_layout * len(held) * distance
+                if pooled:
+                    means = prediction_distance(
+                        v_student[pooled], v_top[len(held) :], state[pooled], sigma[pooled], target, True
+                    )
+                    term = term + top_state_means * len(pooled) * means
+                term = term / len(noise) / len(trained)
             if term is not None:
                 if backward is not None:
                     backward(term, k == trained[-1])

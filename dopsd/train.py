@@ -321,6 +321,10 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
             "states: it needs method=dopsd and such samples (replay_data with replay_teacher=previous, or "
             f"caption_negatives); got method={config.method} and {len(pool) - taught} such samples"
         )
+    if config.top_state_means > 0 and config.method != "dopsd":
+        raise ValueError(
+            f"top_state_means is a loss toward the D-OPSD teacher: it needs method=dopsd, got {config.method}"
+        )
     model = build_model(config, device)
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
@@ -404,6 +408,8 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                         grad_steps=config.grad_steps,
                         loss_max_sigma=config.loss_max_sigma,
                         anchor_layout=config.anchor_layout,
+                        anchor_min_sigma=config.anchor_min_sigma,
+                        top_state_means=config.top_state_means,
                         teacher_guidance=config.teacher_guidance,
                         generator=generators["noise"],
                         backward=functools.partial(backward_share, final_micro=last_micro)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from dopsd import adapters
 from dopsd.models import ZImageModel, load_model
-from dopsd.objective import dopsd_loss, rollout_steps_to_train, sft_loss, teacher_velocity
+from dopsd.objective import dopsd_loss, prediction_distance, rollout_steps_to_train, sft_loss, teacher_velocity
 
 SIGMAS = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
 PROMPTS = ["a red circle", "two blue squares"]
@@ -239,6 +239,11 @@ def test_the_layout_anchor_holds_the_caption_taught_samples_at_the_top_states(ti
         x0_previous = model.predicted_x0(n[:1], sigma, student[:1])
     expected = torch.nn.functional.mse_loss(x0_student, x0_previous).item() / 2
     assert expected > 0 and held.step_losses[0] == pytest.approx(expected, rel=1e-4)
+    # Held from sigma 0.95 up: the state at sigma 1 alone.
+    top = dopsd_loss(
+        model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=1.0, anchor_min_sigma=0.95
+    )
+    assert top.step_losses == pytest.approx([held.step_losses[0], *plain.step_losses], rel=1e-5)
     # A weight below 1 scales the held terms alone.
     light = dopsd_loss(model, student, student, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=0.25)
     assert light.step_losses[:2] == pytest.approx([0.25 * x for x in held.step_losses[:2]], rel=1e-4)
@@ -252,6 +257,52 @@ def test_the_layout_anchor_holds_the_caption_taught_samples_at_the_top_states(ti
     top_only = dopsd_loss(
         model, student, student, n, SIGMAS, teacher="previous", loss_max_sigma=0.75, anchor_layout=1.0
     )
+    top_only.loss.backward()
+    grads = [p.grad for name, p in transformer.named_parameters() if f".{adapters.STUDENT}." in name]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_the_spatial_means_distance_ignores_where_things_are():
+    torch.manual_seed(0)
+    states, velocity = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = torch.tensor([1.0, 0.9])
+    shifted = torch.roll(velocity, shifts=(3, 2), dims=(-2, -1))  # the same content, elsewhere
+    for target in ("x0", "velocity"):
+        assert prediction_distance(velocity, shifted, states, sigma, target) > 0.1
+        assert prediction_distance(velocity, shifted, states, sigma, target, spatial_means=True) < 1e-10
+    brighter = velocity + 0.5  # every channel's mean moves: x0 by -sigma * 0.5
+    x0_means = prediction_distance(velocity, brighter, states, sigma, "x0", spatial_means=True)
+    assert x0_means.item() == pytest.approx(((0.5 * sigma) ** 2).mean().item(), rel=1e-5)
+
+
+def test_top_state_means_reach_the_image_taught_samples_above_the_loss_cut(tiny_zimage_path):
+    torch.manual_seed(0)
+    model = ZImageModel.load(tiny_zimage_path)
+    transformer = model.pipeline.transformer
+    adapters.add_student_teacher(transformer, 4, 8.0, model.default_lora_targets, with_previous=True)
+    perturb_student(model)
+    student, n = model.encode_student(PROMPTS), noise(model)
+    teacher = [student[0], model.encode_teacher(PROMPTS[1:], images(1))[0]]
+    kinds = ["previous", "base"]
+    plain = dopsd_loss(model, student, teacher, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75)
+    both = dopsd_loss(
+        model, student, teacher, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=1.0, top_state_means=0.5
+    )
+    held = dopsd_loss(model, student, teacher, n, SIGMAS, teacher=kinds, loss_max_sigma=0.75, anchor_layout=1.0)
+    assert both.step_losses[2:] == pytest.approx(plain.step_losses, rel=1e-5)
+    # At sigma 1: the held term of the first sample, plus half the spatial-means distance of the second sample's
+    # x0 to the base teacher's (which sees its image), over its half of the batch.
+    sigma = torch.ones(1)
+    with torch.no_grad(), adapters.use_adapter(transformer, adapters.STUDENT):
+        v_student = model.velocity(n[1:], sigma, student[1:])
+    with torch.no_grad(), adapters.use_adapter(transformer, None):
+        v_teacher = model.velocity(n[1:], sigma, teacher[1:])
+    means = prediction_distance(v_student, v_teacher, n[1:], sigma, "x0", spatial_means=True).item()
+    assert means > 0 and both.step_losses[0] == pytest.approx(held.step_losses[0] + 0.5 * means / 2, rel=1e-4)
+    # Its gradient reaches the student adapter.
+    transformer.zero_grad(set_to_none=True)
+    top_only = dopsd_loss(model, student, teacher, n, SIGMAS, teacher="base", loss_max_sigma=0.75, top_state_means=1.0)
+    assert len(top_only.step_losses) == 4
     top_only.loss.backward()
     grads = [p.grad for name, p in transformer.named_parameters() if f".{adapters.STUDENT}." in name]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -202,6 +202,8 @@ def test_a_round_distils_caption_negatives_from_its_starting_weights(tmp_path, t
         ({"caption_negatives": "green=red", "negative_ratio": 0.5}, DatasetError, f"data folder {dataset}: .* green"),
         ({"anchor_layout": 1.0}, ValueError, "anchor_layout holds .* got method=dopsd and 0 such samples"),
         ({**negatives, "anchor_layout": -1.0}, ValueError, "'anchor_layout': must be >= 0"),
+        ({"top_state_means": -0.5}, ValueError, "'top_state_means': must be >= 0"),
+        ({"top_state_means": 1.0, "method": "sft"}, ValueError, "top_state_means .* needs method=dopsd, got sft"),
     ]
     for overrides, error, message in refusals:
         with pytest.raises(error, match=message):
