@@ -65,8 +65,16 @@ from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
 from evaluation.unavailable import file_digest
 
+# The nano transformer's text path: the caption embedder and the refiner that reads the caption alone, before the
+# joint blocks. An adapter there can change only what the words mean, not how any image is drawn from them.
+TEXT_PATH = ",".join(
+    [f"context_refiner.0.attention.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")]
+    + [f"context_refiner.0.feed_forward.{m}" for m in ("w1", "w2", "w3")]
+    + ["cap_embedder.1"]
+)
 ARMS: dict[str, dict] = {
     "sft": {"method": "sft"},
+    "sft-text-path-lr2e-3": {"method": "sft", "lora_targets": TEXT_PATH, "lr": 2e-3},
     "dopsd": {"method": "dopsd", "teacher": "ema"},
     "dopsd-base-teacher": {"method": "dopsd", "teacher": "base"},
     "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
@@ -81,6 +89,13 @@ ARMS: dict[str, dict] = {
         "teacher": "base",
         "anchor_layout": 1.0,
         "anchor_min_sigma": 0.95,
+    },
+    "dopsd-base-teacher-text-path": {"method": "dopsd", "teacher": "base", "lora_targets": TEXT_PATH},
+    "dopsd-base-teacher-text-path-lr2e-3": {
+        "method": "dopsd",
+        "teacher": "base",
+        "lora_targets": TEXT_PATH,
+        "lr": 2e-3,
     },
     "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
     "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
