@@ -90,6 +90,7 @@ ARMS: dict[str, dict] = {
         "anchor_layout": 1.0,
         "anchor_min_sigma": 0.95,
     },
+    "dopsd-text-path-lr2e-3": {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3},
     "dopsd-base-teacher-text-path": {"method": "dopsd", "teacher": "base", "lora_targets": TEXT_PATH},
     "dopsd-base-teacher-text-path-lr2e-3": {
         "method": "dopsd",
