@@ -2,7 +2,8 @@
 ordinary fine-tuning (SFT) loses few-step quality?
 
 For each concept pack, from the nano base, every arm trains one round per seed with identical budgets (the `nano`
-preset's steps, lr and LoRA rank; optional replay of base-world renders):
+preset's steps, batch and LoRA rank, the lr and adapted layers of the nano preset's first recipe unless the arm names
+its own; optional replay of base-world renders):
 - `sft`: flow-matching fine-tuning on the pack;
 - `dopsd`: D-OPSD with the EMA teacher (the method);
 - `dopsd-base-teacher`: the frozen base as teacher (ablation);
@@ -72,36 +73,43 @@ TEXT_PATH = ",".join(
     + [f"context_refiner.0.feed_forward.{m}" for m in ("w1", "w2", "w3")]
     + ["cap_embedder.1"]
 )
+EVERY_LAYER = ",".join(ZImageModel.default_lora_targets)
+ADAPTER_PLACES = {EVERY_LAYER: "every attention and feed-forward layer", TEXT_PATH: "the text path"}
 ARMS: dict[str, dict] = {
-    "sft": {"method": "sft"},
-    "sft-text-path-lr2e-3": {"method": "sft", "lora_targets": TEXT_PATH, "lr": 2e-3},
-    "dopsd": {"method": "dopsd", "teacher": "ema"},
-    "dopsd-base-teacher": {"method": "dopsd", "teacher": "base"},
-    "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
-    "dopsd-base-teacher-grad1": {"method": "dopsd", "teacher": "base", "grad_steps": 1},
-    "dopsd-reference-guided": {"method": "dopsd", "teacher_guidance": 1.0},
-    "dopsd-base-teacher-reference-guided": {"method": "dopsd", "teacher": "base", "teacher_guidance": 1.0},
-    "dopsd-base-teacher-anchored": {"method": "dopsd", "teacher": "base", "anchor_layout": 1.0},
-    "dopsd-base-teacher-anchored-half": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.5},
-    "dopsd-base-teacher-anchored-quarter": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.25},
-    "dopsd-base-teacher-anchored-top": {
-        "method": "dopsd",
-        "teacher": "base",
-        "anchor_layout": 1.0,
-        "anchor_min_sigma": 0.95,
-    },
-    "dopsd-text-path-lr2e-3": {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3},
-    "dopsd-base-teacher-text-path": {"method": "dopsd", "teacher": "base", "lora_targets": TEXT_PATH},
-    "dopsd-base-teacher-text-path-lr2e-3": {
-        "method": "dopsd",
-        "teacher": "base",
-        "lora_targets": TEXT_PATH,
-        "lr": 2e-3,
-    },
-    "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
-    "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
+    name: {"lora_targets": EVERY_LAYER, "lr": 5e-4, **overrides}
+    for name, overrides in {
+        "sft": {"method": "sft"},
+        "sft-text-path-lr2e-3": {"method": "sft", "lora_targets": TEXT_PATH, "lr": 2e-3},
+        "dopsd": {"method": "dopsd", "teacher": "ema"},
+        "dopsd-base-teacher": {"method": "dopsd", "teacher": "base"},
+        "dopsd-grad1": {"method": "dopsd", "grad_steps": 1},
+        "dopsd-base-teacher-grad1": {"method": "dopsd", "teacher": "base", "grad_steps": 1},
+        "dopsd-reference-guided": {"method": "dopsd", "teacher_guidance": 1.0},
+        "dopsd-base-teacher-reference-guided": {"method": "dopsd", "teacher": "base", "teacher_guidance": 1.0},
+        "dopsd-base-teacher-anchored": {"method": "dopsd", "teacher": "base", "anchor_layout": 1.0},
+        "dopsd-base-teacher-anchored-half": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.5},
+        "dopsd-base-teacher-anchored-quarter": {"method": "dopsd", "teacher": "base", "anchor_layout": 0.25},
+        "dopsd-base-teacher-anchored-top": {
+            "method": "dopsd",
+            "teacher": "base",
+            "anchor_layout": 1.0,
+            "anchor_min_sigma": 0.95,
+        },
+        "dopsd-text-path-lr2e-3": {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3},
+        "dopsd-base-teacher-text-path": {"method": "dopsd", "teacher": "base", "lora_targets": TEXT_PATH},
+        "dopsd-base-teacher-text-path-lr2e-3": {
+            "method": "dopsd",
+            "teacher": "base",
+            "lora_targets": TEXT_PATH,
+            "lr": 2e-3,
+        },
+        "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
+        "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
+    }.items()
 }
-"""Training overrides of each arm on top of the preset: everything else (budget, LoRA, seed) is shared."""
+"""Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared. Every arm
+names where its adapter sits and its lr; those without their own keep the nano preset's first recipe (every layer, lr
+5e-4), so a report's command measures the same thing whatever the preset becomes."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
 """An arm `<arm><suffix>` trains as <arm>; in the continual run its later rounds also replay the earlier packs' data.
 The suffix says who teaches what a round replays (those packs, the base-world renders of `replay_ratio`, the
@@ -175,7 +183,7 @@ class ScienceConfig:
     replay ratio; pooled with the round's other replay folders (world renders, counterfactuals: `replay_shares`)."""
     continual_lr: float = 0.0
     """Learning rate of the continual run's later rounds, those that start from an earlier adapter (0: the
-    preset's, as the first round)."""
+    arm's, as the first round)."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
     continual_premise: int = 12
@@ -226,7 +234,7 @@ def check(config: ScienceConfig) -> dict:
             + " + ".join(map(str, shares.values()))
         )
     if config.continual_lr < 0:
-        problems.append(f"continual_lr must be >= 0 (0: the preset's), got {config.continual_lr}")
+        problems.append(f"continual_lr must be >= 0 (0: the arm's), got {config.continual_lr}")
     world = Path(config.world)
     for required in ["base_prompts.jsonl"] + [f"packs/{p}_prompts.jsonl" for p in config.names("packs")]:
         if not (world / required).is_file():
@@ -264,6 +272,12 @@ def split_arm(arm: str) -> tuple[str, str]:
         if arm.endswith(suffix):
             return arm.removesuffix(suffix), suffix
     return arm, ""
+
+
+def arm_recipe(arm: str) -> str:
+    """Where an arm's adapter sits and its lr, in words."""
+    overrides = ARMS[split_arm(arm)[0]]
+    return f"{arm} lr {overrides['lr']:g} on {ADAPTER_PLACES[overrides['lora_targets']]}"
 
 
 def replay_folder(config: ScienceConfig) -> str:
@@ -317,9 +331,7 @@ def round_config(
         init_adapter=init_adapter,
         caption_negatives=",".join(f"{word}={swapped}" for word, swapped in negatives.items()),
         negative_ratio=config.caption_negative_ratio,
-        **ARMS[arm],
-        **replay_overrides,
-        **later_round,
+        **(ARMS[arm] | replay_overrides | later_round),
     )
 
 
@@ -690,7 +702,9 @@ def render_markdown(results: dict) -> str:
         f"{results['date']}.  ",
         f"Base: `{results['base']['model']}` (transformer sha256 {results['base']['transformer'][:12]}).",
         "",
-        f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm; training seeds "
+        f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm"
+        + (f" but for its adapter: {'; '.join(results['arms'])}" if "arms" in results else "")
+        + "; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
         f"counterfactual ratio {config['counterfactual_ratio']}, caption negative ratio "
         f"{config.get('caption_negative_ratio', 0.0)}. Evaluation: "
@@ -739,7 +753,7 @@ def render_markdown(results: dict) -> str:
             "",
             f"## Continual run (packs in order, each from the previous adapter unless composed; at {deployed} steps)",
             "",
-            f"Later rounds train at lr {config['continual_lr'] or 'of the preset'}; a `+replay` arm adds "
+            f"Later rounds train at lr {config['continual_lr'] or 'of the arm'}; a `+replay` arm adds "
             f"{config['continual_replay']} to its replay ratio for the earlier packs' data (each source's share is "
             "listed above; `+lwf`: taught by the previous "
             f"adapter from their captions); a `{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the "
@@ -817,7 +831,8 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "config": dataclasses.asdict(config),
         "base": base,
-        "round": f"{preset.steps} steps, batch {preset.batch_size}, lr {preset.lr}, LoRA rank {preset.lora_rank}",
+        "round": f"{preset.steps} steps, batch {preset.batch_size}, LoRA rank {preset.lora_rank}",
+        "arms": [arm_recipe(a) for a in dict.fromkeys(config.names("arms") + config.names("continual_arms"))],
         "prompts": {
             "retention": len(evaluation.retention.records),
             "concepts": {p: len(s.records) for p, s in evaluation.concepts.items()},

@@ -100,7 +100,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert rounds["config"]["init_adapter"] == str(tmp_path / "work" / "rounds" / "star" / "dopsd-s1" / "adapter")
     assert not (tmp_path / "work" / "continual" / "dopsd-s1" / "star").exists()
     assert rounds["config"]["replay_ratio"] == 0.25 + 0.125 and rounds["config"]["steps"] == 2
-    assert rounds["config"]["lr"] == 2e-4  # a later round takes the continual lr, a first round the preset's
+    assert rounds["config"]["lr"] == 2e-4  # a later round takes the continual lr, a first round the arm's
     first = json.loads((tmp_path / "work" / "rounds" / "star" / "dopsd-s1" / "round.json").read_text())
     assert first["config"]["lr"] == 5e-4
     # Every round replays the world renders and counterfactuals of its own pack (the concept swapped out).
@@ -151,6 +151,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert "| concept accuracy | leak | blank | retention |" in text and "| leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text and "Later rounds train at lr 0.0002" in text
+    assert "dopsd+lwf lr 0.0005 on every attention and feed-forward layer" in text  # each arm's adapter, named
     assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text
 
     produced = [
