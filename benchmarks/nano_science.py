@@ -43,6 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -178,6 +179,10 @@ class ScienceConfig:
     """Share of each batch a pack's round draws from caption negatives (`TrainConfig.caption_negatives`): the pack's
     own captions with its word swapped as its counterfactuals swap it, taught by the weights the round starts from,
     from the caption alone; what a user without a renderer can do (0: none). Its own share, not pooled with replay."""
+    caption_negative_words: Literal["swap", "drop"] = "swap"
+    """What a caption negative puts where the pack's word was: `swap` the base attribute its counterfactuals swap to
+    (`counterfactual_words`: star -> square, teal -> blue), `drop` nothing, the caption minus the word (a texture's
+    swap already drops it)."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data, added to the
     replay ratio; pooled with the round's other replay folders (world renders, counterfactuals: `replay_shares`)."""
@@ -317,6 +322,8 @@ def round_config(
         ratio += config.counterfactual_ratio
     replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
     negatives = counterfactual_words(PACK_BY_NAME[pack]) if config.caption_negative_ratio > 0 else {}
+    if config.caption_negative_words == "drop":
+        negatives = dict.fromkeys(negatives, "")
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
     return make_config(
         config.preset,
@@ -707,7 +714,9 @@ def render_markdown(results: dict) -> str:
         + "; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
         f"counterfactual ratio {config['counterfactual_ratio']}, caption negative ratio "
-        f"{config.get('caption_negative_ratio', 0.0)}. Evaluation: "
+        f"{config.get('caption_negative_ratio', 0.0)}"
+        + (" (the word dropped)" if config.get("caption_negative_words") == "drop" else "")
+        + ". Evaluation: "
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "

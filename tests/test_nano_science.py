@@ -253,5 +253,10 @@ def test_caption_negatives_swap_the_pack_word_in_its_own_captions(tmp_path, tiny
     teal = nano_science.round_config(config, "dopsd-base-teacher+lwf", "teal", 0, tmp_path / "r", earlier=["star"])
     assert teal.caption_negatives == "teal=blue" and teal.replay_ratio == config.continual_replay
     assert nano_science.replay_shares(teal) == {"star pack": config.continual_replay, "caption negatives": 0.5}
+    dropped = nano_science.parse_args([*options, "--caption-negative-ratio=0.5", "--caption-negative-words=drop"])
+    star = nano_science.round_config(dropped, "dopsd-base-teacher", "star", 0, tmp_path / "round")
+    assert star.negative_pairs() == {"star": "", "stars": ""}  # the caption minus the word
+    with pytest.raises(ValueError, match="caption_negative_words': bad value 'blank'"):
+        nano_science.parse_args([*options, "--caption-negative-words=blank"])
     refused = refusal(*options, "--caption-negative-ratio=0.5", "--counterfactual-ratio=0.5")
     assert "and caption_negative_ratio must be >= 0 and sum to less than 1" in refused
