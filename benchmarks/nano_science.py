@@ -709,13 +709,12 @@ def render_markdown(results: dict) -> str:
         f"{results['date']}.  ",
         f"Base: `{results['base']['model']}` (transformer sha256 {results['base']['transformer'][:12]}).",
         "",
-        f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm"
-        + (f" but for its adapter: {'; '.join(results['arms'])}" if "arms" in results else "")
-        + "; training seeds "
+        f"Rounds: preset `{config['preset']}` ({results['round']}), identical for every arm but for its adapter: "
+        f"{'; '.join(results['arms'])}; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
         f"counterfactual ratio {config['counterfactual_ratio']}, caption negative ratio "
         f"{config.get('caption_negative_ratio', 0.0)}"
-        + (" (the word dropped)" if config.get("caption_negative_words") == "drop" else "")
+        + (" (the word dropped)" if config["caption_negative_words"] == "drop" else "")
         + ". Evaluation: "
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
