@@ -56,7 +56,7 @@ from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACK_BY_NAME, counterfactual_words, write_counterfactuals, write_landing_folder
+from dopsd.nano.packs import PACK_BY_NAME, caption_negatives, write_counterfactuals, write_landing_folder
 from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
@@ -321,9 +321,11 @@ def round_config(
         replay.append(counterfactual_folder(config, pack))
         ratio += config.counterfactual_ratio
     replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
-    negatives = counterfactual_words(PACK_BY_NAME[pack]) if config.caption_negative_ratio > 0 else {}
-    if config.caption_negative_words == "drop":
-        negatives = dict.fromkeys(negatives, "")
+    negatives = (
+        caption_negatives(PACK_BY_NAME[pack], config.caption_negative_words)
+        if config.caption_negative_ratio > 0
+        else ""
+    )
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
     return make_config(
         config.preset,
@@ -336,7 +338,7 @@ def round_config(
         replay_data=",".join(replay),
         replay_ratio=ratio,
         init_adapter=init_adapter,
-        caption_negatives=",".join(f"{word}={swapped}" for word, swapped in negatives.items()),
+        caption_negatives=negatives,
         negative_ratio=config.caption_negative_ratio,
         **(ARMS[arm] | replay_overrides | later_round),
     )

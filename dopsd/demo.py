@@ -3,7 +3,9 @@
 `run_nano_demo` teaches the nano base a concept pack's new word and scores base and adapter at the deployed 4
 steps on the same prompts and noise: the concept's accuracy (did it learn?) and retention on held-out base prompts
 (did it keep what it knew?), and how often the concept is drawn on those base prompts, which never name it (did it
-learn the word, or to draw the concept whatever the prompt?), with side-by-side grids.
+learn the word, or to draw the concept whatever the prompt?), with side-by-side grids. On a nano pack the round
+also trains on caption negatives, the pack's captions minus its word, as a user with a leaky word would
+(`--set caption_negatives= --set negative_ratio=0`: none).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 
 from dopsd.config import make_config
 from dopsd.train import train
+
+DEMO_NEGATIVE_RATIO = 0.625
+"""Share of each demo batch drawn from the caption negatives: the share every nano screen of them used."""
 
 
 def run_nano_demo(
@@ -28,7 +33,7 @@ def run_nano_demo(
     """`overrides`: training config fields set over the `nano` preset (how the preset was tuned)."""
     from dopsd.models import load_model
     from dopsd.nano.model import NANO_RESOLUTION
-    from dopsd.nano.packs import PACK_BY_NAME
+    from dopsd.nano.packs import PACK_BY_NAME, caption_negatives
     from dopsd.nano.scenes import read_jsonl
     from evaluation.nano.premise import concept_leak
     from evaluation.networks import NetworkPaths, load_networks
@@ -36,14 +41,30 @@ def run_nano_demo(
     from evaluation.suite import PromptSet, SuiteConfig, run_suite
 
     data = world / "packs" / pack
+    fields: dict[str, str | float | None] = {
+        "model": model,
+        "data": str(data),
+        "output": str(workdir / "round"),
+        "steps": steps or None,
+    }
+    if pack in PACK_BY_NAME:
+        # A new word leaks onto prompts that do not name it; negatives that drop it from the pack's own captions
+        # halve that on the star and keep more of the base (3 seeds: leak 0.261 vs 0.506, retention 0.472 vs 0.415,
+        # concept 0.316 vs 0.328; reports/nano_science_text_path_caption_negatives_dropped.md).
+        fields |= {"caption_negatives": caption_negatives(PACK_BY_NAME[pack]), "negative_ratio": DEMO_NEGATIVE_RATIO}
     # An override wins over the demo's own fields (--set steps=600 over --steps).
-    fields = {"model": model, "data": str(data), "output": str(workdir / "round"), "steps": steps or None}
     config = make_config("nano", **(fields | (overrides or {})))
     losses: list[float] = []
     start = time.time()
     adapter = train(config, on_metrics=lambda step, m: losses.append(m["loss"]))
     trained = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "already trained"
-    yield f"D-OPSD round on {data}: {config.steps} steps, {time.time() - start:.0f} s, {trained}; adapter in {adapter}"
+    negatives = f", caption negatives {config.caption_negatives} ({config.negative_ratio})" * bool(
+        config.negative_ratio
+    )
+    yield (
+        f"D-OPSD round on {data}: {config.steps} steps{negatives}, {time.time() - start:.0f} s, {trained}; "
+        f"adapter in {adapter}"
+    )
     prompt_sets = [
         retention_set(world / "base_prompts.jsonl", limit=prompts_per_task),
         PromptSet("concept", read_prompts(world / "packs" / f"{pack}_prompts.jsonl"), targets=read_images(data)),

@@ -27,7 +27,7 @@ def demo_error(*options) -> str:
 def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_bootstrap, tiny_world):
     options = [f"--model={tiny_nano_bootstrap.model_dir}", f"--world={tiny_world}", "--steps=5", "--set=lr=2e-4"]
     shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal", "--set", "teacher=base", "--set=steps=2")
-    assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps" in shown
+    assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps, caption negatives teal= (0.625)" in shown
     for name in ("base", "dopsd"):
         line = next(line for line in shown.splitlines() if line.startswith(f"{name} at 4 steps: teal accuracy "))
         drawn = float(line.split("teal drawn on ")[1].split()[0])
@@ -35,6 +35,7 @@ def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_boo
     assert (tmp_path / "round" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     trained = json.loads((tmp_path / "round" / "config.json").read_text())
     assert (trained["lr"], trained["teacher"], trained["ema_decay"]) == (2e-4, "base", make_config("nano").ema_decay)
+    assert (trained["caption_negatives"], trained["negative_ratio"]) == ("teal=", 0.625)
     assert (tmp_path / "eval" / "grids" / "concept.png").is_file() and (tmp_path / "eval" / "report.json").is_file()
 
 

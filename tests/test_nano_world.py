@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dopsd.data import read_dataset
-from dopsd.nano.packs import PACKS, concept_item, pack_prompts, write_pack
+from dopsd.nano.packs import PACK_BY_NAME, PACKS, caption_negatives, concept_item, pack_prompts, write_pack
 from dopsd.nano.scenes import TASKS, SceneSampler, prompt_set, read_jsonl, relation_holds, write_jsonl
 from dopsd.nano.world import (
     BACKGROUND,
@@ -137,3 +137,11 @@ def test_sparse_pack_differs_from_the_dense_one_only_in_captions(tmp_path):
     sparse = read_dataset(write_pack(PACKS[0], tmp_path / "sparse", count=8, every_colour=False))
     assert [d.image_path.read_bytes() for d in dense] == [s.image_path.read_bytes() for s in sparse]
     assert sum(len(d.caption) > len(s.caption) for d, s in zip(dense, sparse, strict=True)) >= 4
+
+
+def test_caption_negatives_swap_or_drop_each_word_a_counterfactual_swaps():
+    star, teal, striped = (PACK_BY_NAME[name] for name in ("star", "teal", "striped"))
+    assert caption_negatives(star, "swap") == "star=square,stars=squares"
+    assert caption_negatives(star) == "star=,stars="
+    assert (caption_negatives(teal, "swap"), caption_negatives(teal)) == ("teal=blue", "teal=")
+    assert caption_negatives(striped, "swap") == caption_negatives(striped) == "striped="

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -179,6 +179,15 @@ def counterfactual_words(pack: ConceptPack) -> dict[str, str]:
     value = COUNTERFACTUAL_VALUE[pack.kind]
     named = "" if value == "plain" else value
     return {pack.word: named} | ({plural(pack.word): plural(named)} if pack.kind == "shape" else {})
+
+
+def caption_negatives(pack: ConceptPack, words: Literal["swap", "drop"] = "drop") -> str:
+    """`TrainConfig.caption_negatives` for the pack: each word a counterfactual swaps (`counterfactual_words`), either
+    swapped as it swaps it or dropped (the caption minus the word). Dropping did better on every nano pack
+    (reports/nano_science_text_path_caption_negatives_dropped.md): a swapped-in base word the new one sits near
+    (star -> square) pulls against the concept itself."""
+    swaps = counterfactual_words(pack)
+    return ",".join(f"{word}={swapped if words == 'swap' else ''}" for word, swapped in swaps.items())
 
 
 def write_counterfactuals(pack: ConceptPack, folder: str | Path, count: int = 48, seed: int = 500) -> Path:
