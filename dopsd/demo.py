@@ -58,8 +58,8 @@ def run_nano_demo(
     start = time.time()
     adapter = train(config, on_metrics=lambda step, m: losses.append(m["loss"]))
     trained = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "already trained"
-    negatives = f", caption negatives {config.caption_negatives} ({config.negative_ratio})" * bool(
-        config.negative_ratio
+    negatives = (
+        f", caption negatives {config.caption_negatives} ({config.negative_ratio})" if config.negative_ratio else ""
     )
     yield (
         f"D-OPSD round on {data}: {config.steps} steps{negatives}, {time.time() - start:.0f} s, {trained}; "
