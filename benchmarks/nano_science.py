@@ -43,7 +43,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -56,7 +55,13 @@ from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACK_BY_NAME, caption_negatives, write_counterfactuals, write_landing_folder
+from dopsd.nano.packs import (
+    PACK_BY_NAME,
+    NegativeWords,
+    caption_negatives,
+    write_counterfactuals,
+    write_landing_folder,
+)
 from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
@@ -177,9 +182,10 @@ class ScienceConfig:
     the round starts from, from the caption alone (the image unused, as a user without a renderer would have it)."""
     caption_negative_ratio: float = 0.0
     """Share of each batch a pack's round draws from caption negatives (`TrainConfig.caption_negatives`): the pack's
-    own captions with its word swapped as its counterfactuals swap it, taught by the weights the round starts from,
-    from the caption alone; what a user without a renderer can do (0: none). Its own share, not pooled with replay."""
-    caption_negative_words: Literal["swap", "drop"] = "swap"
+    own captions with its word swapped or dropped (`caption_negative_words`), taught by the weights the round starts
+    from, from the caption alone; what a user without a renderer can do (0: none). Its own share, not pooled with
+    replay."""
+    caption_negative_words: NegativeWords = "swap"
     """What a caption negative puts where the pack's word was: `swap` the base attribute its counterfactuals swap to
     (`counterfactual_words`: star -> square, teal -> blue), `drop` nothing, the caption minus the word (a texture's
     swap already drops it)."""
@@ -715,7 +721,7 @@ def render_markdown(results: dict) -> str:
         f"{'; '.join(results['arms'])}; training seeds "
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
         f"counterfactual ratio {config['counterfactual_ratio']}, caption negative ratio "
-        f"{config.get('caption_negative_ratio', 0.0)}"
+        f"{config['caption_negative_ratio']}"
         + (" (the word dropped)" if config["caption_negative_words"] == "drop" else "")
         + ". Evaluation: "
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "

@@ -47,11 +47,12 @@ def run_nano_demo(
         "output": str(workdir / "round"),
         "steps": steps or None,
     }
-    if pack in PACK_BY_NAME:
+    nano_pack = PACK_BY_NAME.get(pack)
+    if nano_pack is not None:
         # A new word leaks onto prompts that do not name it; negatives that drop it from the pack's own captions
         # halve that on the star and keep more of the base (3 seeds: leak 0.261 vs 0.506, retention 0.472 vs 0.415,
         # concept 0.316 vs 0.328; reports/nano_science_text_path_caption_negatives_dropped.md).
-        fields |= {"caption_negatives": caption_negatives(PACK_BY_NAME[pack]), "negative_ratio": DEMO_NEGATIVE_RATIO}
+        fields |= {"caption_negatives": caption_negatives(nano_pack), "negative_ratio": DEMO_NEGATIVE_RATIO}
     # An override wins over the demo's own fields (--set steps=600 over --steps).
     config = make_config("nano", **(fields | (overrides or {})))
     losses: list[float] = []
@@ -82,7 +83,7 @@ def run_nano_demo(
     for name, values in report.metrics.items():
         concept, retention = values["concept/geneval/overall"], values["retention/geneval/overall"]
         rows = read_jsonl(workdir / "eval" / report.verdicts[f"retention/{name}"])
-        leak = concept_leak(PACK_BY_NAME[pack], rows) if pack in PACK_BY_NAME else None
+        leak = concept_leak(nano_pack, rows) if nano_pack is not None else None
         drawn = f"{leak:.3f} of the base prompts' samples" if leak is not None else "not measured (no nano concept)"
         yield (
             f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano); "

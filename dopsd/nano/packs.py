@@ -181,7 +181,12 @@ def counterfactual_words(pack: ConceptPack) -> dict[str, str]:
     return {pack.word: named} | ({plural(pack.word): plural(named)} if pack.kind == "shape" else {})
 
 
-def caption_negatives(pack: ConceptPack, words: Literal["swap", "drop"] = "drop") -> str:
+NegativeWords = Literal["swap", "drop"]
+"""What a caption negative puts where a pack's word was: `swap` the base attribute its counterfactuals swap to
+(`counterfactual_words`), `drop` nothing (the caption minus the word)."""
+
+
+def caption_negatives(pack: ConceptPack, words: NegativeWords = "drop") -> str:
     """`TrainConfig.caption_negatives` for the pack: each word a counterfactual swaps (`counterfactual_words`), either
     swapped as it swaps it or dropped (the caption minus the word). Dropping did better on every nano pack
     (reports/nano_science_text_path_caption_negatives_dropped.md): a swapped-in base word the new one sits near
