@@ -195,6 +195,9 @@ class ScienceConfig:
     continual_lr: float = 0.0
     """Learning rate of the continual run's later rounds, those that start from an earlier adapter (0: the
     arm's, as the first round)."""
+    continual_steps: int = 0
+    """Training steps of the continual run's later rounds (0: the first round's). A later round's pack is a smaller
+    share of each batch (the earlier packs' replay takes its part), so more steps show it its own data as often."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
     continual_premise: int = 12
@@ -246,6 +249,8 @@ def check(config: ScienceConfig) -> dict:
         )
     if config.continual_lr < 0:
         problems.append(f"continual_lr must be >= 0 (0: the arm's), got {config.continual_lr}")
+    if config.continual_steps < 0:
+        problems.append(f"continual_steps must be >= 0 (0: the first round's), got {config.continual_steps}")
     world = Path(config.world)
     for required in ["base_prompts.jsonl"] + [f"packs/{p}_prompts.jsonl" for p in config.names("packs")]:
         if not (world / required).is_file():
@@ -333,13 +338,14 @@ def round_config(
         else ""
     )
     later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
+    steps = config.continual_steps if earlier and config.continual_steps > 0 else config.round_steps
     return make_config(
         config.preset,
         model=config.model,
         data=str(Path(config.world) / "packs" / pack),
         output=str(output),
         seed=seed,
-        steps=config.round_steps or None,
+        steps=steps or None,
         batch_size=config.round_batch or None,
         replay_data=",".join(replay),
         replay_ratio=ratio,
@@ -765,15 +771,15 @@ def render_markdown(results: dict) -> str:
     if results.get("continual"):
         continual = results["continual"]
         tracked = list(next(iter(next(iter(continual.values())).values())))
+        later_steps = config["continual_steps"] or "the first round's"
         lines += [
             "",
             f"## Continual run (packs in order, each from the previous adapter unless composed; at {deployed} steps)",
             "",
-            f"Later rounds train at lr {config['continual_lr'] or 'of the arm'}; a `+replay` arm adds "
-            f"{config['continual_replay']} to its replay ratio for the earlier packs' data (each source's share is "
-            "listed above; `+lwf`: taught by the previous "
-            f"adapter from their captions); a `{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the "
-            "sum of the adapters so far.",
+            f"Later rounds train at lr {config['continual_lr'] or 'of the arm'} for {later_steps} steps; a "
+            f"`+replay` arm adds {config['continual_replay']} to its replay ratio for the earlier packs' data (each "
+            "source's share is listed above; `+lwf`: taught by the previous adapter from their captions); a "
+            f"`{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the sum of the adapters so far.",
             "",
             "| model | after round | " + " | ".join(m.split("/")[0] for m in tracked) + " |",
             "| --- | --- |" + " --- |" * len(tracked),

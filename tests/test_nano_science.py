@@ -59,10 +59,10 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         f"--out={out}",
     ]
     wrong = ["--arms=sft,dpo,dopsd+lwf,sft+compose", "--replay-ratio=0", "--packs=star,nothing", "--continual-lr=-1"]
-    wrong += ["--counterfactual-ratio=0.7"]
+    wrong += ["--counterfactual-ratio=0.7", "--continual-steps=-1"]
     bad = refusal(*options, *wrong)
     assert "unknown arm 'dpo'" in bad and "packs/nothing_prompts.jsonl is missing" in bad
-    assert "continual_lr must be >= 0" in bad
+    assert "continual_lr must be >= 0" in bad and "continual_steps must be >= 0" in bad
     assert "and counterfactual_ratio must be >= 0 and sum to less than 1, got 0.0 + 0.375 + 0.7" in bad
     assert "arm 'sft+compose': +compose composes the rounds of the continual run, not of one pack" in bad
     unreplayed = refusal(*options, "--arms=dopsd+lwf", "--replay-ratio=0", "--counterfactual-ratio=0")
@@ -150,7 +150,8 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     text = out.read_text()
     assert "| concept accuracy | leak | blank | retention |" in text and "| leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
-    assert "## Continual run" in text and "| dopsd | teal |" in text and "Later rounds train at lr 0.0002" in text
+    assert "## Continual run" in text and "| dopsd | teal |" in text
+    assert "Later rounds train at lr 0.0002 for the first round's steps" in text
     assert "dopsd+lwf lr 0.0005 on every attention and feed-forward layer" in text  # each arm's adapter, named
     assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text
 
@@ -164,11 +165,11 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert {path: path.stat().st_mtime_ns for path in produced} == stamps
     assert json.loads(out.with_suffix(".json").read_text())["packs"] == results["packs"]
 
-    # Another lr retrains the continual run's later rounds in place: those and their scores are measured anew, the
-    # first rounds and the per-pack studies are reused.
+    # Another lr and step count retrain the continual run's later rounds in place: those and their scores are measured
+    # anew, the first rounds and the per-pack studies are reused.
     work = tmp_path / "work"
     premise_before = json.loads((work / "eval" / "continual-premise.json").read_text())
-    science_in_process(*options, "--continual-lr=3e-4")
+    science_in_process(*options, "--continual-lr=3e-4", "--continual-steps=3")
     redone = {work / "eval" / "continual" / "steps-4" / "report.json", work / "eval" / "continual-premise.json"}
     redone |= {
         p
@@ -178,10 +179,10 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         and not p.relative_to(work).parts[1].startswith("dopsd+compose")  # the rounds it sums are not retrained
     }
     assert len(redone) > 2
-    for path in produced:
-        assert (path.stat().st_mtime_ns != stamps[path]) == (path in redone), path
+    for path in produced:  # a redone round's checkpoints of the old step count are gone with it
+        assert (not path.exists() or path.stat().st_mtime_ns != stamps[path]) == (path in redone), path
     later = json.loads((work / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
-    assert later["config"]["lr"] == 3e-4
+    assert later["config"]["lr"] == 3e-4 and later["config"]["steps"] == 3
     premise_after = json.loads((work / "eval" / "continual-premise.json").read_text())
     assert len(premise_after) == len(premise_before) + 2 * 2  # two chained arms x two seeds after the teal round
 
