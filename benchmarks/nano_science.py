@@ -102,6 +102,14 @@ ARMS: dict[str, dict] = {
             "anchor_min_sigma": 0.95,
         },
         "dopsd-text-path-lr2e-3": {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3},
+        "dopsd-text-path-lr2e-3-rank16": {
+            "method": "dopsd",
+            "teacher": "ema",
+            "lora_targets": TEXT_PATH,
+            "lr": 2e-3,
+            "lora_rank": 16,
+            "lora_alpha": 32.0,  # the preset's alpha / rank, so a rank-16 update starts at the same scale
+        },
         "dopsd-base-teacher-text-path": {"method": "dopsd", "teacher": "base", "lora_targets": TEXT_PATH},
         "dopsd-base-teacher-text-path-lr2e-3": {
             "method": "dopsd",
@@ -113,9 +121,10 @@ ARMS: dict[str, dict] = {
         "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
     }.items()
 }
-"""Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared. Every arm
-names where its adapter sits and its lr; those without their own keep the nano preset's first recipe (every layer, lr
-5e-4), so a report's command measures the same thing whatever the preset becomes."""
+"""Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
+arm that names its rank (`-rank16`: the adapter's capacity, screened in the continual run). Every arm names where its
+adapter sits and its lr; those without their own keep the nano preset's first recipe (every layer, lr 5e-4), so a
+report's command measures the same thing whatever the preset becomes."""
 REPLAY_SUFFIXES: dict[str, dict] = {"+replay": {}, "+lwf": {"replay_teacher": "previous"}}
 """An arm `<arm><suffix>` trains as <arm>; in the continual run its later rounds also replay the earlier packs' data.
 The suffix says who teaches what a round replays (those packs, the base-world renders of `replay_ratio`, the
@@ -291,9 +300,10 @@ def split_arm(arm: str) -> tuple[str, str]:
 
 
 def arm_recipe(arm: str) -> str:
-    """Where an arm's adapter sits and its lr, in words."""
+    """Where an arm's adapter sits, its lr and any rank of its own, in words."""
     overrides = ARMS[split_arm(arm)[0]]
-    return f"{arm} lr {overrides['lr']:g} on {ADAPTER_PLACES[overrides['lora_targets']]}"
+    rank = f", LoRA rank {overrides['lora_rank']}" if "lora_rank" in overrides else ""
+    return f"{arm} lr {overrides['lr']:g} on {ADAPTER_PLACES[overrides['lora_targets']]}{rank}"
 
 
 def replay_folder(config: ScienceConfig) -> str:

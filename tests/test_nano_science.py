@@ -261,3 +261,20 @@ def test_caption_negatives_swap_the_pack_word_in_its_own_captions(tmp_path, tiny
         nano_science.parse_args([*options, "--caption-negative-words=blank"])
     refused = refusal(*options, "--caption-negative-ratio=0.5", "--counterfactual-ratio=0.5")
     assert "and caption_negative_ratio must be >= 0 and sum to less than 1" in refused
+
+
+def test_later_rounds_take_their_own_lr_and_steps_and_a_rank_arm_its_capacity(tmp_path, tiny_world):
+    """`--continual-lr` and `--continual-steps` reach only rounds that start from an earlier adapter; an arm that names
+    its LoRA rank trains at it, at the preset's alpha / rank, and the report names the rank."""
+    options = [f"--world={tiny_world}", f"--workdir={tmp_path}", "--continual-lr=4e-3", "--continual-steps=600"]
+    config = nano_science.parse_args(options)
+    arm = "dopsd-text-path-lr2e-3-rank16+lwf"
+    first = nano_science.round_config(config, arm, "star", 0, tmp_path / "first")
+    later = nano_science.round_config(config, arm, "teal", 0, tmp_path / "later", earlier=["star"])
+    plain = nano_science.round_config(config, "dopsd-text-path-lr2e-3", "star", 0, tmp_path / "plain")
+    assert (first.lr, first.steps, later.lr, later.steps) == (2e-3, plain.steps, 4e-3, 600) and plain.steps != 600
+    assert first.lora_rank == later.lora_rank == 16 and plain.lora_rank == 8
+    assert first.lora_alpha / first.lora_rank == plain.lora_alpha / plain.lora_rank
+    assert plain.lora_targets == first.lora_targets
+    assert nano_science.arm_recipe(arm) == f"{arm} lr 0.002 on the text path, LoRA rank 16"
+    assert nano_science.arm_recipe("dopsd-text-path-lr2e-3") == "dopsd-text-path-lr2e-3 lr 0.002 on the text path"
