@@ -347,22 +347,22 @@ def round_config(
         if config.caption_negative_ratio > 0
         else ""
     )
-    later_round = {"lr": config.continual_lr} if earlier and config.continual_lr > 0 else {}
-    steps = config.continual_steps if earlier and config.continual_steps > 0 else config.round_steps
+    # A round that starts from an earlier adapter takes the continual run's own lr and steps where they are set (>0).
+    continual_fields = {"lr": config.continual_lr, "steps": config.continual_steps}
+    later_round = {field: value for field, value in continual_fields.items() if earlier and value > 0}
     return make_config(
         config.preset,
         model=config.model,
         data=str(Path(config.world) / "packs" / pack),
         output=str(output),
         seed=seed,
-        steps=steps or None,
         batch_size=config.round_batch or None,
         replay_data=",".join(replay),
         replay_ratio=ratio,
         init_adapter=init_adapter,
         caption_negatives=negatives,
         negative_ratio=config.caption_negative_ratio,
-        **(ARMS[arm] | replay_overrides | later_round),
+        **({"steps": config.round_steps or None} | ARMS[arm] | replay_overrides | later_round),
     )
 
 
