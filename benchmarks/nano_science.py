@@ -207,6 +207,10 @@ class ScienceConfig:
     continual_steps: int = 0
     """Training steps of the continual run's later rounds (0: the first round's). A later round's pack is a smaller
     share of each batch (the earlier packs' replay takes its part), so more steps show it its own data as often."""
+    continual_fused: bool = False
+    """Whether the continual run's later rounds fuse the previous adapter into the base and train a fresh LoRA over
+    it (`TrainConfig.init_adapter_fused`; the model after a round is the sum of every round's LoRA), instead of going
+    on with the previous adapter's own weights."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
     continual_premise: int = 12
@@ -347,9 +351,13 @@ def round_config(
         if config.caption_negative_ratio > 0
         else ""
     )
-    # A round that starts from an earlier adapter takes the continual run's own lr and steps where they are set (>0).
-    continual_fields = {"lr": config.continual_lr, "steps": config.continual_steps}
-    later_round = {field: value for field, value in continual_fields.items() if earlier and value > 0}
+    # A round that starts from an earlier adapter takes the continual run's own lr, steps and fusing where set.
+    continual_fields = {
+        "lr": config.continual_lr,
+        "steps": config.continual_steps,
+        "init_adapter_fused": config.continual_fused and bool(init_adapter),  # replay_plan's rounds have none
+    }
+    later_round = {field: value for field, value in continual_fields.items() if earlier and value}
     return make_config(
         config.preset,
         model=config.model,
@@ -786,7 +794,9 @@ def render_markdown(results: dict) -> str:
             "",
             f"## Continual run (packs in order, each from the previous adapter unless composed; at {deployed} steps)",
             "",
-            f"Later rounds train at lr {config['continual_lr'] or 'of the arm'} for {later_steps} steps; a "
+            f"Later rounds train at lr {config['continual_lr'] or 'of the arm'} for {later_steps} steps"
+            f"{', a fresh LoRA over the previous adapter fused into the base' if config.get('continual_fused') else ''}"
+            "; a "
             f"`+replay` arm adds {config['continual_replay']} to its replay ratio for the earlier packs' data (each "
             "source's share is listed above; `+lwf`: taught by the previous adapter from their captions); a "
             f"`{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the sum of the adapters so far.",

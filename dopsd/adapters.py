@@ -190,6 +190,32 @@ def adapter_digest(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_plain_lora(folder: str | Path, config: dict, use: str) -> None:
+    """Only a plain LoRA's update is (alpha / r) B A in every layer; `use` says what needs that."""
+    plain = not config.get("use_dora") and not config.get("use_rslora")
+    if not plain or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{folder}: only plain LoRA {use} (no DoRA, rsLoRA or per-layer rank/alpha patterns)")
+
+
+@torch.no_grad()
+def fuse_adapter(transformer: torch.nn.Module, folder: str | Path) -> None:
+    """Add a saved LoRA's update, (alpha / r) B A, into the weights of the linear layers it adapts, before any adapter
+    is attached: the transformer then computes what the base with that adapter computed."""
+    weights, config = read_adapter(folder)
+    check_plain_lora(folder, config, "fuses")
+    scale = float(config["lora_alpha"]) / int(config["r"])
+    layers = dict(transformer.named_modules())
+    for key, down in weights.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.removeprefix("transformer.").split(".lora_A.")[0]
+        layer = layers.get(name)
+        if not isinstance(layer, torch.nn.Linear):
+            raise ValueError(f"{folder}: {name} is not a linear layer of {type(transformer).__name__}")
+        up = weights[key.replace(".lora_A.", ".lora_B.")]
+        layer.weight += (scale * up.float() @ down.float()).to(layer.weight.dtype)
+
+
 def compose_adapters(folders: Sequence[str | Path], output: str | Path, weights: Sequence[float] | None = None) -> Path:
     """Write one LoRA whose update is the weighted sum of the adapters' updates: sum_i w_i (alpha_i / r_i) B_i A_i.
 
@@ -206,9 +232,7 @@ def compose_adapters(folders: Sequence[str | Path], output: str | Path, weights:
     for folder, (tensors, config) in zip(folders, parts, strict=True):
         if set(tensors) != first_keys:
             raise ValueError(f"{folder}: its LoRA covers other layers than {folders[0]}'s; only such adapters compose")
-        plain = not config.get("use_dora") and not config.get("use_rslora")
-        if not plain or config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError(f"{folder}: only plain LoRA composes (no DoRA, rsLoRA or per-layer rank/alpha patterns)")
+        check_plain_lora(folder, config, "composes")
     rank = sum(int(config["r"]) for _, config in parts)
     composed = {}
     for key in sorted(first_keys):

@@ -66,6 +66,11 @@ class TrainConfig:
     world an EMA teacher started from an earlier round's adapter had lost much of its reference-following after two
     rounds, and the third round learned nothing; with teacher=base it learned striped 0.191 (0.238 from the base)
     (reports/nano_continual.md)."""
+    init_adapter_fused: bool = False
+    """Fuse `init_adapter` into the base weights and train a fresh LoRA over them (student, EMA teacher and the
+    starting weights all begin at B = 0 there; teacher=base is the fused weights), instead of going on with the saved
+    adapter's own A and B. The round's adapter/ is then the sum of the two (`compose_adapters`, ranks stacked), so it
+    still replaces init_adapter; its targets must be this round's, any rank fits."""
     output: str = "runs/round"
     """Where checkpoints, the adapter and metrics go."""
     method: Literal["dopsd", "sft"] = "dopsd"
@@ -155,6 +160,8 @@ class TrainConfig:
     """FLUX.2-klein only: comma-separated hidden-state layers stacked into the context (empty: 9,18,27)."""
 
     def __post_init__(self) -> None:
+        if self.init_adapter_fused and not self.init_adapter:
+            raise ValueError("config field 'init_adapter_fused': fuses init_adapter, which is empty")
         for name in ("teacher_guidance", "guidance", "anchor_layout", "anchor_min_sigma", "top_state_means"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name!r}: must be >= 0 (0 turns it off), got {getattr(self, name)}")

@@ -33,6 +33,8 @@ from dopsd.objective import TeacherKind, dopsd_loss, sample_training_sigmas, sft
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+FRESH_ADAPTER = "adapter-fresh"
+"""Under init_adapter_fused: the round's own LoRA, trained over the fused init_adapter (adapter/ holds their sum)."""
 ROUND_CONFIG = "config.json"
 """The round's config, beside its checkpoints: what a resume must match."""
 RUN_CONTROL_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
@@ -199,13 +201,29 @@ def draw_batch(
     return index
 
 
+def read_init_adapter(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        return adapters.read_adapter(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"init_adapter: {error}; give the adapter/ folder a round wrote") from error
+
+
+def fuse_init_adapter(transformer: torch.nn.Module, folder: str, targets: list[str]) -> None:
+    """Fuse the saved adapter into the base weights (init_adapter_fused), once its targets are checked to be this
+    round's: the two adapters are summed when the round ends, which needs the same layers."""
+    _, saved = read_init_adapter(folder)
+    if sorted(saved.get("target_modules") or []) != sorted(targets):
+        raise ValueError(
+            f"init_adapter {folder} adapts {sorted(saved.get('target_modules') or [])}, this round {sorted(targets)}: "
+            "a fused init_adapter needs this round's targets, so that the two adapters sum into one"
+        )
+    adapters.fuse_adapter(transformer, folder)
+
+
 def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
     """Start every adapter (student, teacher, previous) from a saved one, once its LoRA layout is checked to be this
     round's."""
-    try:
-        weights, saved = adapters.read_adapter(folder)
-    except (FileNotFoundError, ValueError) as error:
-        raise ValueError(f"init_adapter: {error}; give the adapter/ folder a round wrote") from error
+    weights, saved = read_init_adapter(folder)
     ours = adapters.adapter_metadata(transformer, adapters.STUDENT)
     layout = {
         "rank": (saved.get("r"), ours["r"]),
@@ -329,6 +347,8 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
     targets = config.targets_list() or list(model.default_lora_targets)
+    if config.init_adapter_fused:
+        fuse_init_adapter(transformer, config.init_adapter, targets)
     torch.manual_seed(config.seed)  # LoRA A init: identical on every process
     adapters.add_student_teacher(
         transformer,
@@ -337,7 +357,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         targets,
         with_previous=taught < len(pool),
     )
-    if config.init_adapter:
+    if config.init_adapter and not config.init_adapter_fused:
         load_init_adapter(transformer, config.init_adapter)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -446,7 +466,10 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     progress.close()
     accelerator.wait_for_everyone()
     adapter_dir = output / ADAPTER
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and config.init_adapter_fused:
+        fresh = adapters.save_adapter(model, adapters.STUDENT, output / FRESH_ADAPTER)
+        adapters.compose_adapters([config.init_adapter, fresh], adapter_dir)
+    elif accelerator.is_main_process:
         adapters.save_adapter(model, adapters.STUDENT, adapter_dir)
     accelerator.end_training()
     return adapter_dir

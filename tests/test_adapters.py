@@ -135,6 +135,22 @@ def test_composed_adapter_is_the_sum_of_its_parts_in_the_real_pipeline(model, ti
     assert not torch.allclose(both, student, atol=1e-3)
 
 
+def test_a_fused_adapter_computes_what_the_loaded_one_does(model, tiny_zimage_path, tmp_path):
+    with torch.no_grad():
+        for _, s in adapters.adapter_pairs(model.pipeline.transformer):
+            s.normal_(0, 0.2)
+    adapters.save_adapter(model, adapters.STUDENT, tmp_path / "saved")
+    ctx = model.encode_student(["a red circle"])
+    x, sigma = torch.randn(1, *model.latent_shape(32, 32)), torch.tensor([0.5])
+    with torch.no_grad():
+        loaded = model.velocity(x, sigma, ctx)
+        fused = load_model(tiny_zimage_path, with_teacher_encoder=False)
+        base = fused.velocity(x, sigma, ctx)
+        adapters.fuse_adapter(fused.pipeline.transformer, tmp_path / "saved")
+        torch.testing.assert_close(fused.velocity(x, sigma, ctx), loaded, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(base, loaded, atol=1e-3)
+
+
 def test_adapters_of_other_layers_or_missing_files_do_not_compose(model, tmp_path):
     adapters.save_adapter(model, adapters.STUDENT, tmp_path / "full")
     transformer = model.pipeline.transformer

@@ -165,11 +165,11 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert {path: path.stat().st_mtime_ns for path in produced} == stamps
     assert json.loads(out.with_suffix(".json").read_text())["packs"] == results["packs"]
 
-    # Another lr and step count retrain the continual run's later rounds in place: those and their scores are measured
-    # anew, the first rounds and the per-pack studies are reused.
+    # Another lr, step count and fusing retrain the continual run's later rounds in place: those and their scores are
+    # measured anew, the first rounds and the per-pack studies are reused.
     work = tmp_path / "work"
     premise_before = json.loads((work / "eval" / "continual-premise.json").read_text())
-    science_in_process(*options, "--continual-lr=3e-4", "--continual-steps=3")
+    science_in_process(*options, "--continual-lr=3e-4", "--continual-steps=3", "--continual-fused=true")
     redone = {work / "eval" / "continual" / "steps-4" / "report.json", work / "eval" / "continual-premise.json"}
     redone |= {
         p
@@ -182,7 +182,10 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     for path in produced:  # a redone round's checkpoints of the old step count are gone with it
         assert (not path.exists() or path.stat().st_mtime_ns != stamps[path]) == (path in redone), path
     later = json.loads((work / "continual" / "dopsd-s1" / "teal" / "round.json").read_text())
-    assert later["config"]["lr"] == 3e-4 and later["config"]["steps"] == 3
+    assert later["config"]["lr"] == 3e-4 and later["config"]["steps"] == 3 and later["config"]["init_adapter_fused"]
+    # The fused round's adapter is the star round's and its own fresh LoRA, summed.
+    teal_weights = load_file(str(Path(later["adapter"]) / LORA_WEIGHTS))
+    assert teal_weights[a_key].shape[0] == 2 * star_round[a_key].shape[0]
     premise_after = json.loads((work / "eval" / "continual-premise.json").read_text())
     assert len(premise_after) == len(premise_before) + 2 * 2  # two chained arms x two seeds after the teal round
 
@@ -263,16 +266,20 @@ def test_caption_negatives_swap_the_pack_word_in_its_own_captions(tmp_path, tiny
     assert "and caption_negative_ratio must be >= 0 and sum to less than 1" in refused
 
 
-def test_later_rounds_take_their_own_lr_and_steps_and_a_rank_arm_its_capacity(tmp_path, tiny_world):
-    """`--continual-lr` and `--continual-steps` reach only rounds that start from an earlier adapter; an arm that names
-    its LoRA rank trains at it, at the preset's alpha / rank, and the report names the rank."""
+def test_later_rounds_take_their_own_lr_steps_and_fusing_and_a_rank_arm_its_capacity(tmp_path, tiny_world):
+    """`--continual-lr`, `--continual-steps` and `--continual-fused` reach only rounds that start from an earlier
+    adapter; an arm that names its LoRA rank trains at it, at the preset's alpha / rank, and the report names the
+    rank."""
     options = [f"--world={tiny_world}", f"--workdir={tmp_path}", "--continual-lr=4e-3", "--continual-steps=600"]
-    config = nano_science.parse_args(options)
+    config = nano_science.parse_args([*options, "--continual-fused=true"])
     arm = "dopsd-text-path-lr2e-3-rank16+lwf"
     first = nano_science.round_config(config, arm, "star", 0, tmp_path / "first")
-    later = nano_science.round_config(config, arm, "teal", 0, tmp_path / "later", earlier=["star"])
+    later = nano_science.round_config(config, arm, "teal", 0, tmp_path / "later", "star/adapter", earlier=["star"])
     plain = nano_science.round_config(config, "dopsd-text-path-lr2e-3", "star", 0, tmp_path / "plain")
     assert (first.lr, first.steps, later.lr, later.steps) == (2e-3, plain.steps, 4e-3, 600) and plain.steps != 600
+    assert later.init_adapter_fused and not first.init_adapter_fused
+    unfused = nano_science.round_config(nano_science.parse_args(options), arm, "teal", 0, tmp_path, "a", ["star"])
+    assert not unfused.init_adapter_fused
     assert first.lora_rank == later.lora_rank == 16 and plain.lora_rank == 8
     assert first.lora_alpha / first.lora_rank == plain.lora_alpha / plain.lora_rank
     assert plain.lora_targets == first.lora_targets

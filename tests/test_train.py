@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dopsd.adapters import LORA_WEIGHTS
+from dopsd.adapters import LORA_WEIGHTS, read_adapter
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
+from dopsd.models import load_model
 from dopsd.preview import pipeline_images
 from dopsd.train import (
+    FRESH_ADAPTER,
     SampleCache,
     TrainingDiverged,
     cache_path,
@@ -146,6 +148,58 @@ def test_a_round_starts_from_its_init_adapter(tmp_path, tiny_zimage_path, datase
         )
     with pytest.raises(ValueError, match=f"init_adapter: .*first/{LORA_WEIGHTS}: no LoRA weights file"):
         train(tiny_config(tiny_zimage_path, dataset, tmp_path / "r3", init_adapter=str(tmp_path / "first")))
+
+
+def test_a_fused_round_trains_a_fresh_lora_over_its_init_adapter_and_writes_their_sum(
+    tmp_path, tiny_zimage_path, dataset
+):
+    first = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "first", steps=2))
+
+    def velocity(adapter):
+        model = load_model(tiny_zimage_path, with_teacher_encoder=False)
+        model.pipeline.load_lora_weights(str(adapter))
+        x = torch.randn(1, *model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return model.velocity(x, torch.tensor([0.5]), model.encode_student(["a red circle"]))
+
+    # At lr 0 the fresh LoRA stays at B = 0: the round's sum does what the adapter it started from does.
+    still = train(
+        tiny_config(
+            tiny_zimage_path,
+            dataset,
+            tmp_path / "still",
+            steps=1,
+            lr=0.0,
+            init_adapter=str(first),
+            init_adapter_fused=True,
+        )
+    )
+    fresh = lora_weights(tmp_path / "still" / FRESH_ADAPTER)
+    assert all(fresh[k].abs().sum() == 0 for k in fresh if ".lora_B." in k)
+    assert read_adapter(still)[1]["r"] == 2 * read_adapter(first)[1]["r"]
+    torch.testing.assert_close(velocity(still), velocity(first), atol=1e-5, rtol=1e-4)
+    # Trained, it moves away from there; the next fused round takes the stacked rank as its start.
+    moved = train(
+        tiny_config(
+            tiny_zimage_path, dataset, tmp_path / "moved", steps=2, init_adapter=str(still), init_adapter_fused=True
+        )
+    )
+    assert read_adapter(moved)[1]["r"] == 3 * read_adapter(first)[1]["r"]
+    assert not torch.allclose(velocity(moved), velocity(first), atol=1e-4)
+
+    with pytest.raises(ValueError, match=r"adapts .*'w3'.*this round \['to_q'\]: a fused init_adapter needs"):
+        train(
+            tiny_config(
+                tiny_zimage_path,
+                dataset,
+                tmp_path / "narrow",
+                lora_targets="to_q",
+                init_adapter=str(first),
+                init_adapter_fused=True,
+            )
+        )
+    with pytest.raises(ValueError, match="'init_adapter_fused': fuses init_adapter, which is empty"):
+        tiny_config(tiny_zimage_path, dataset, tmp_path / "none", init_adapter_fused=True)
 
 
 def test_replay_takes_its_share_of_every_batch():
