@@ -16,7 +16,8 @@ suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), rete
 base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
 run: the packs applied one after another as rounds, each starting from the previous adapter (an arm suffixed
 `+replay` also replays the earlier packs; `+lwf` replays them taught by the previous adapter; `+compose` instead
-learns each pack from the base and deploys the sum of the adapters so far), with every pack's
+learns each pack from the base and deploys the sum of the adapters so far; `+joint` learns every pack so far at once
+from the base, the mark for the others), with every pack's
 accuracy tracked after every round, and the teacher premise under every adapter: can the next round's teacher still
 draw each concept from its reference? Spreads are across training seeds.
 
@@ -134,6 +135,13 @@ counterfactuals of `counterfactual_ratio`):
 COMPOSE_SUFFIX = "+compose"
 """A continual arm `<arm>+compose` chains no rounds: each pack is learnt from the base (the pack study's round of
 <arm>), and the model deployed after a pack is the sum of every adapter so far (`dopsd.adapters.compose_adapters`)."""
+JOINT_SUFFIX = "+joint"
+"""A continual arm `<arm>+joint` chains no rounds either: after each pack one round from the base learns every pack so
+far at once (their images pooled into one dataset, each pack's word in the caption negatives, the first round's steps
+times the packs so that each is seen as often as in a round of its own), what it replays taught as under `+lwf`. Not
+continual learning: what one adapter learns of the packs together, the mark a chain's later rounds are measured
+against."""
+SUFFIXES = (*REPLAY_SUFFIXES, COMPOSE_SUFFIX, JOINT_SUFFIX)
 
 METRICS = {
     "concept": "concept/geneval/overall",
@@ -181,8 +189,8 @@ class ScienceConfig:
     reference_images: int = 512
     """World renders that FID-nano compares the base prompts' samples against."""
     continual_arms: str = "sft,dopsd,dopsd-base-teacher"
-    """Comma-separated arms of the continual run, each optionally suffixed `+replay`, `+lwf` or `+compose` (empty: no
-    continual run)."""
+    """Comma-separated arms of the continual run, each optionally suffixed `+replay`, `+lwf`, `+compose` or `+joint`
+    (empty: no continual run)."""
     counterfactual_ratio: float = 0.0
     """Share of each batch a pack's round draws from counterfactuals of that pack (fresh pack scenes with the concept
     swapped for a base attribute, captions without the word; `dopsd.nano.packs.counterfactual`): negatives against the
@@ -238,9 +246,9 @@ def check(config: ScienceConfig) -> dict:
         if a not in ARMS
     ]
     problems += [
-        f"arm {a!r}: {COMPOSE_SUFFIX} composes the rounds of the continual run, not of one pack (--continual-arms)"
+        f"arm {a!r}: {split_arm(a)[1]} goes through the continual run's packs, not one pack (--continual-arms)"
         for a in config.names("arms")
-        if split_arm(a)[1] == COMPOSE_SUFFIX
+        if split_arm(a)[1] in (COMPOSE_SUFFIX, JOINT_SUFFIX)
     ]
     problems += [
         f"arm {a!r} distils what a round replays, but --replay-ratio and --counterfactual-ratio are 0"
@@ -297,7 +305,7 @@ def base_record(model: str) -> dict:
 
 def split_arm(arm: str) -> tuple[str, str]:
     """An arm's training arm and its suffix ('' when it has none)."""
-    for suffix in (*REPLAY_SUFFIXES, COMPOSE_SUFFIX):
+    for suffix in SUFFIXES:
         if arm.endswith(suffix):
             return arm.removesuffix(suffix), suffix
     return arm, ""
@@ -324,6 +332,33 @@ def counterfactual_folder(config: ScienceConfig, pack: str) -> str:
     if not folder.is_dir():
         write_counterfactuals(PACK_BY_NAME[pack], folder)
     return str(folder)
+
+
+def joint_round(config: ScienceConfig, arm: str, packs: Sequence[str], seed: int, output: Path) -> TrainConfig:
+    """The `+joint` round after the last of `packs`: the `+lwf` first round of <arm> on all of them pooled, replaying
+    every one's counterfactuals."""
+    first = round_config(config, arm + "+lwf", packs[0], seed, output)
+    if len(packs) == 1:
+        return first
+    world = replay_folder(config)
+    counterfactuals = [counterfactual_folder(config, p) for p in packs] if config.counterfactual_ratio > 0 else []
+    pooled = Path(config.workdir) / "joint" / "+".join(packs)
+    if not pooled.is_dir():
+        temporary = pooled.with_name(pooled.name + ".tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        for pack in packs:  # a pack's files are named after it, so the packs' names never clash
+            for path in (Path(config.world) / "packs" / pack).iterdir():
+                shutil.copy2(path, temporary / path.name)
+        temporary.rename(pooled)
+    words = [caption_negatives(PACK_BY_NAME[p], config.caption_negative_words) for p in packs]
+    return dataclasses.replace(
+        first,
+        data=str(pooled),
+        steps=first.steps * len(packs),
+        replay_data=",".join(([world] if world else []) + counterfactuals),
+        caption_negatives=",".join(words) if first.caption_negatives else "",
+    )
 
 
 def round_config(
@@ -398,7 +433,7 @@ def replay_plan(config: ScienceConfig) -> dict[str, dict[str, dict[str, float]]]
     for arm in config.names("arms"):
         plan[arm] = {pack: replay_shares(pack_round(config, arm, pack, 0)) for pack in packs}
     for arm in config.names("continual_arms"):
-        if split_arm(arm)[1] != COMPOSE_SUFFIX:
+        if split_arm(arm)[1] not in (COMPOSE_SUFFIX, JOINT_SUFFIX):
             plan[f"continual {arm}"] = {
                 pack: replay_shares(round_config(config, arm, pack, 0, Path(config.workdir), earlier=packs[:i]))
                 for i, pack in enumerate(packs)
@@ -565,6 +600,8 @@ def continual_study(
                 if suffix == COMPOSE_SUFFIX:
                     learnt.append(run_round(study)[0])
                     previous = composed_adapter(learnt, output)
+                elif suffix == JOINT_SUFFIX:
+                    previous, _ = run_round(joint_round(config, trained, packs[: i + 1], seed, output))
                 else:
                     train_config = round_config(config, arm, pack, seed, output, previous, earlier=packs[:i])
                     # The first pack's round, from the base, is the pack study's round whenever the recipes agree.
@@ -799,7 +836,8 @@ def render_markdown(results: dict) -> str:
             "; a "
             f"`+replay` arm adds {config['continual_replay']} to its replay ratio for the earlier packs' data (each "
             "source's share is listed above; `+lwf`: taught by the previous adapter from their captions); a "
-            f"`{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the sum of the adapters so far.",
+            f"`{COMPOSE_SUFFIX}` arm learns each pack from the base and deploys the sum of the adapters so far; a "
+            f"`{JOINT_SUFFIX}` arm learns every pack so far at once from the base, each as often as in its own round.",
             "",
             "| model | after round | " + " | ".join(m.split("/")[0] for m in tracked) + " |",
             "| --- | --- |" + " --- |" * len(tracked),

@@ -52,19 +52,25 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--eval-steps=1,4",
         "--eval-images=1",
         "--reference-images=8",
-        "--continual-arms=dopsd,dopsd+lwf,dopsd+compose",
+        "--continual-arms=dopsd,dopsd+lwf,dopsd+compose,dopsd+joint",
         "--continual-premise=2",
         "--continual-lr=2e-4",
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",
     ]
-    wrong = ["--arms=sft,dpo,dopsd+lwf,sft+compose", "--replay-ratio=0", "--packs=star,nothing", "--continual-lr=-1"]
+    wrong = [
+        "--arms=sft,dpo,dopsd+lwf,sft+compose,sft+joint",
+        "--replay-ratio=0",
+        "--packs=star,nothing",
+        "--continual-lr=-1",
+    ]
     wrong += ["--counterfactual-ratio=0.7", "--continual-steps=-1"]
     bad = refusal(*options, *wrong)
     assert "unknown arm 'dpo'" in bad and "packs/nothing_prompts.jsonl is missing" in bad
     assert "continual_lr must be >= 0" in bad and "continual_steps must be >= 0" in bad
     assert "and counterfactual_ratio must be >= 0 and sum to less than 1, got 0.0 + 0.375 + 0.7" in bad
-    assert "arm 'sft+compose': +compose composes the rounds of the continual run, not of one pack" in bad
+    assert "arm 'sft+compose': +compose goes through the continual run's packs, not one pack" in bad
+    assert "arm 'sft+joint': +joint goes through the continual run's packs, not one pack" in bad
     unreplayed = refusal(*options, "--arms=dopsd+lwf", "--replay-ratio=0", "--counterfactual-ratio=0")
     assert (
         "arm 'dopsd+lwf' distils what a round replays, but --replay-ratio and --counterfactual-ratio are 0"
@@ -140,8 +146,19 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     summed_weights = load_file(str(summed / LORA_WEIGHTS))
     a_key = next(k for k in star_round if ".lora_A." in k)
     assert summed_weights[a_key].shape[0] == 2 * star_round[a_key].shape[0]
+    # +joint learns both packs at once from the base after teal: their images pooled, each seen as often as alone.
+    joint = json.loads((tmp_path / "work" / "continual" / "dopsd+joint-s0" / "teal" / "round.json").read_text())
+    pooled = tmp_path / "work" / "joint" / "star+teal"
+    assert joint["config"]["data"] == str(pooled) and joint["config"]["init_adapter"] == ""
+    assert sorted(p.name for p in pooled.iterdir()) == sorted(
+        p.name for pack in ("star", "teal") for p in (world / "packs" / pack).iterdir()
+    )
+    assert joint["config"]["steps"] == 2 * 2 and joint["config"]["replay_teacher"] == "previous"
+    assert joint["config"]["replay_data"] == ",".join(
+        [str(tmp_path / "work" / "replay"), str(counterfactuals / "star"), str(counterfactuals / "teal")]
+    )
     premise = results["continual_premise"]
-    assert list(premise) == ["base", "dopsd", "dopsd+lwf", "dopsd+compose"]
+    assert list(premise) == ["base", "dopsd", "dopsd+lwf", "dopsd+compose", "dopsd+joint"]
     assert list(premise["dopsd"]) == ["star", "teal"]
     for after in ("star", "teal"):
         for pack in ("star", "teal"):
@@ -176,7 +193,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         for p in produced
         if p.is_relative_to(work / "continual")
         and p.relative_to(work).parts[2] == "teal"
-        and not p.relative_to(work).parts[1].startswith("dopsd+compose")  # the rounds it sums are not retrained
+        and not p.relative_to(work).parts[1].startswith(("dopsd+compose", "dopsd+joint"))  # none of theirs chains
     }
     assert len(redone) > 2
     for path in produced:  # a redone round's checkpoints of the old step count are gone with it
@@ -285,3 +302,20 @@ def test_later_rounds_take_their_own_lr_steps_and_fusing_and_a_rank_arm_its_capa
     assert plain.lora_targets == first.lora_targets
     assert nano_science.arm_recipe(arm) == f"{arm} lr 0.002 on the text path, LoRA rank 16"
     assert nano_science.arm_recipe("dopsd-text-path-lr2e-3") == "dopsd-text-path-lr2e-3 lr 0.002 on the text path"
+
+
+def test_a_joint_round_pools_the_packs_and_drops_every_ones_word(tmp_path, tiny_world):
+    config = nano_science.parse_args(
+        [
+            f"--world={tiny_world}",
+            f"--workdir={tmp_path}",
+            "--caption-negative-ratio=0.25",
+            "--caption-negative-words=drop",
+        ]
+    )
+    alone = nano_science.joint_round(config, "dopsd", ["star"], 0, tmp_path / "star")
+    both = nano_science.joint_round(config, "dopsd", ["star", "teal"], 0, tmp_path / "teal")
+    assert alone.data == str(tiny_world / "packs" / "star") and both.steps == 2 * alone.steps
+    assert "star" in alone.negative_pairs() and "teal" not in alone.negative_pairs()
+    assert {"star", "teal"} <= set(both.negative_pairs()) and set(both.negative_pairs().values()) == {""}
+    assert both.negative_ratio == alone.negative_ratio == 0.25
