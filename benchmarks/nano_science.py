@@ -141,7 +141,9 @@ far at once (their images pooled into one dataset, each pack's word in the capti
 times the packs so that each is seen as often as in a round of its own), what it replays taught as under `+lwf`. Not
 continual learning: what one adapter learns of the packs together, the mark a chain's later rounds are measured
 against."""
-SUFFIXES = (*REPLAY_SUFFIXES, COMPOSE_SUFFIX, JOINT_SUFFIX)
+UNCHAINED_SUFFIXES = (COMPOSE_SUFFIX, JOINT_SUFFIX)
+"""Suffixes whose continual arm learns from the base after every pack instead of chaining rounds."""
+SUFFIXES = (*REPLAY_SUFFIXES, *UNCHAINED_SUFFIXES)
 
 METRICS = {
     "concept": "concept/geneval/overall",
@@ -248,7 +250,7 @@ def check(config: ScienceConfig) -> dict:
     problems += [
         f"arm {a!r}: {split_arm(a)[1]} goes through the continual run's packs, not one pack (--continual-arms)"
         for a in config.names("arms")
-        if split_arm(a)[1] in (COMPOSE_SUFFIX, JOINT_SUFFIX)
+        if split_arm(a)[1] in UNCHAINED_SUFFIXES
     ]
     problems += [
         f"arm {a!r} distils what a round replays, but --replay-ratio and --counterfactual-ratio are 0"
@@ -335,13 +337,11 @@ def counterfactual_folder(config: ScienceConfig, pack: str) -> str:
 
 
 def joint_round(config: ScienceConfig, arm: str, packs: Sequence[str], seed: int, output: Path) -> TrainConfig:
-    """The `+joint` round after the last of `packs`: the `+lwf` first round of <arm> on all of them pooled, replaying
-    every one's counterfactuals."""
-    first = round_config(config, arm + "+lwf", packs[0], seed, output)
+    """The `+joint` round after the last of `packs`: the `+lwf` first round of <arm> on all of them pooled, with what
+    each pack's own round replays and its caption negatives."""
+    alone = [round_config(config, arm + "+lwf", p, seed, output) for p in packs]
     if len(packs) == 1:
-        return first
-    world = replay_folder(config)
-    counterfactuals = [counterfactual_folder(config, p) for p in packs] if config.counterfactual_ratio > 0 else []
+        return alone[0]
     pooled = Path(config.workdir) / "joint" / "+".join(packs)
     if not pooled.is_dir():
         temporary = pooled.with_name(pooled.name + ".tmp")
@@ -351,13 +351,12 @@ def joint_round(config: ScienceConfig, arm: str, packs: Sequence[str], seed: int
             for path in (Path(config.world) / "packs" / pack).iterdir():
                 shutil.copy2(path, temporary / path.name)
         temporary.rename(pooled)
-    words = [caption_negatives(PACK_BY_NAME[p], config.caption_negative_words) for p in packs]
     return dataclasses.replace(
-        first,
+        alone[0],
         data=str(pooled),
-        steps=first.steps * len(packs),
-        replay_data=",".join(([world] if world else []) + counterfactuals),
-        caption_negatives=",".join(words) if first.caption_negatives else "",
+        steps=alone[0].steps * len(packs),
+        replay_data=",".join(dict.fromkeys(f for c in alone for f in c.replay_folders())),
+        caption_negatives=",".join(c.caption_negatives for c in alone if c.caption_negatives),
     )
 
 
@@ -390,9 +389,9 @@ def round_config(
     continual_fields = {
         "lr": config.continual_lr,
         "steps": config.continual_steps,
-        "init_adapter_fused": config.continual_fused and bool(init_adapter),  # replay_plan's rounds have none
+        "init_adapter_fused": config.continual_fused,
     }
-    later_round = {field: value for field, value in continual_fields.items() if earlier and value}
+    later_round = {field: value for field, value in continual_fields.items() if init_adapter and value}
     return make_config(
         config.preset,
         model=config.model,
@@ -433,7 +432,7 @@ def replay_plan(config: ScienceConfig) -> dict[str, dict[str, dict[str, float]]]
     for arm in config.names("arms"):
         plan[arm] = {pack: replay_shares(pack_round(config, arm, pack, 0)) for pack in packs}
     for arm in config.names("continual_arms"):
-        if split_arm(arm)[1] not in (COMPOSE_SUFFIX, JOINT_SUFFIX):
+        if split_arm(arm)[1] not in UNCHAINED_SUFFIXES:
             plan[f"continual {arm}"] = {
                 pack: replay_shares(round_config(config, arm, pack, 0, Path(config.workdir), earlier=packs[:i]))
                 for i, pack in enumerate(packs)
