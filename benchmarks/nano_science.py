@@ -3,7 +3,9 @@ ordinary fine-tuning (SFT) loses few-step quality?
 
 For each concept pack, from the nano base, every arm trains one round per seed with identical budgets (the `nano`
 preset's steps, batch and LoRA rank, the lr and adapted layers of the nano preset's first recipe unless the arm names
-its own; optional replay of base-world renders):
+its own; optional replay of base-world renders). By default the arms are the preset's recipe, the text path at lr 2e-3
+(`sft-text-path-lr2e-3`, `dopsd-text-path-lr2e-3`, `dopsd-base-teacher-text-path-lr2e-3`,
+`dopsd-text-path-lr2e-3-grad1`); the names below, without `-text-path-lr2e-3`, are the first recipe's:
 - `sft`: flow-matching fine-tuning on the pack;
 - `dopsd`: D-OPSD with the EMA teacher (the method);
 - `dopsd-base-teacher`: the frozen base as teacher (ablation);
@@ -13,13 +15,13 @@ its own; optional replay of base-world renders):
   `dopsd-base-teacher-reference-guided` the frozen base so guided (for continual rounds).
 Each adapter and the base are sampled at 1, 2, 4 and 8 steps on the same prompts and noise (the evaluation
 suite): new-concept accuracy (GenEval-nano on the pack's held-out prompts), retention (GenEval-nano on held-out
-base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then the continual
-run: the packs applied one after another as rounds, each starting from the previous adapter (an arm suffixed
-`+replay` also replays the earlier packs; `+lwf` replays them taught by the previous adapter; `+compose` instead
-learns each pack from the base and deploys the sum of the adapters so far; `+joint` learns every pack so far at once
-from the base, the mark for the others), with every pack's
-accuracy tracked after every round, and the teacher premise under every adapter: can the next round's teacher still
-draw each concept from its reference? Spreads are across training seeds.
+base prompts), FID-nano of the base prompts' samples against world renders, and CLIPScore-nano. Then, given
+`--continual-arms`, the continual run: the packs applied one after another as rounds, each starting from the previous
+adapter (an arm suffixed `+replay` also replays the earlier packs; `+lwf` replays them taught by the previous adapter;
+`+compose` instead learns each pack from the base and deploys the sum of the adapters so far; `+joint` learns every
+pack so far at once from the base, the mark for the others), with every pack's accuracy tracked after every round,
+and the teacher premise under every adapter: can the next round's teacher still draw each concept from its
+reference? Spreads are across training seeds.
 
 Everything lands in a work folder and is reused when present: a crashed run resumes where it stopped (a round from
 its last checkpoint). A work folder belongs to the base and the sampling noise it was started with (`base.json`):
@@ -27,6 +29,7 @@ another base, or another noise scheme, needs another.
 The report is Markdown with a JSON twin, PNG plots and the suite's sample grids.
 
     .venv/bin/python benchmarks/nano_science.py                          # all packs, arms, seeds; hours on a CPU
+    .venv/bin/dvc repro nano_science                                     # that, then the recommended chain
     .venv/bin/python benchmarks/nano_science.py --seeds 0 --packs star    # one pack, one seed
     .venv/bin/python benchmarks/nano_science.py --arms '' --eval-steps 4 --continual-arms dopsd,dopsd-base-teacher
 """
@@ -67,7 +70,7 @@ from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
-from evaluation.nano.premise import blank_share, concept_leak, teacher_premise
+from evaluation.nano.premise import blank_share, concept_shown, teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
@@ -103,6 +106,13 @@ ARMS: dict[str, dict] = {
             "anchor_min_sigma": 0.95,
         },
         "dopsd-text-path-lr2e-3": {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3},
+        "dopsd-text-path-lr2e-3-grad1": {
+            "method": "dopsd",
+            "teacher": "ema",
+            "lora_targets": TEXT_PATH,
+            "lr": 2e-3,
+            "grad_steps": 1,
+        },
         "dopsd-text-path-lr2e-3-rank16": {
             "method": "dopsd",
             "teacher": "ema",
@@ -167,9 +177,18 @@ class ScienceConfig:
     """World folder (`dopsd nano world`): base_prompts.jsonl, packs/<pack>/ and packs/<pack>_prompts.jsonl."""
     packs: str = "star,teal,striped"
     """Comma-separated concept packs, in the continual run's order."""
-    arms: str = "sft,dopsd,dopsd-base-teacher,dopsd-grad1"
+    arms: str = ",".join(
+        [
+            "sft-text-path-lr2e-3",
+            "dopsd-text-path-lr2e-3",
+            "dopsd-base-teacher-text-path-lr2e-3",
+            "dopsd-text-path-lr2e-3-grad1",
+        ]
+    )
     """Comma-separated arms (see ARMS), each optionally suffixed `+lwf`: what it replays (the base-world renders of
-    `replay_ratio`, the counterfactuals of `counterfactual_ratio`) is then taught by the base from the captions."""
+    `replay_ratio`, the counterfactuals of `counterfactual_ratio`) is then taught by the base from the captions. The
+    default is the `nano` preset's recipe (the text path at lr 2e-3) under SFT, D-OPSD and its two ablations (frozen
+    base as teacher, one roll-out state per step); until 2026-12-06 it was the same four on every layer at lr 5e-4."""
     seeds: str = "0,1,2"
     """Comma-separated training seeds: every arm trains once per seed, and spreads are taken across them."""
     preset: str = "nano"
@@ -190,9 +209,11 @@ class ScienceConfig:
     """Keep the first N base prompts of each GenEval task for retention (0: all)."""
     reference_images: int = 512
     """World renders that FID-nano compares the base prompts' samples against."""
-    continual_arms: str = "sft,dopsd,dopsd-base-teacher"
+    continual_arms: str = ""
     """Comma-separated arms of the continual run, each optionally suffixed `+replay`, `+lwf`, `+compose` or `+joint`
-    (empty: no continual run)."""
+    (empty: no continual run). The recommended chain (`dvc.yaml`, stage `nano_science`) takes more than an arm: its
+    replay shares, caption negatives and later-round lr, which would change the pack study's rounds too, so it runs as
+    a command of its own; until 2026-12-06 the default was `sft,dopsd,dopsd-base-teacher`."""
     counterfactual_ratio: float = 0.0
     """Share of each batch a pack's round draws from counterfactuals of that pack (fresh pack scenes with the concept
     swapped for a base attribute, captions without the word; `dopsd.nano.packs.counterfactual`): negatives against the
@@ -506,21 +527,31 @@ class Evaluation:
         digests_file.write_text(json.dumps(digests, indent=1))
         return report
 
+    def verdict_rows(self, name: str, report: SuiteReport, steps: int, prompt_set: str, model: str) -> list[dict]:
+        """The model's verdicts on one prompt set of the suite run (none when the run did not sample that set)."""
+        verdicts = report.verdicts.get(f"{prompt_set}/{model}")
+        return read_jsonl(self.folder(name, steps) / verdicts) if verdicts else []
+
     def found_metrics(self, name: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
-        """What the objects found in the model's retention samples (base prompts, none naming a pack's concept) say,
-        read from the suite run's verdicts: `leak-<pack>` for every pack, the share showing the pack's concept
-        (`concept_leak`), and `blank`, the share showing no object at all (`blank_share`)."""
-        verdicts = report.verdicts.get(f"{self.retention.name}/{model}")
-        rows = read_jsonl(self.folder(name, steps) / verdicts) if verdicts else []
-        leaks = {f"leak-{pack}": concept_leak(PACK_BY_NAME[pack], rows) for pack in self.config.names("packs")}
-        return leaks | {"blank": blank_share(rows)}
+        """What the objects found in the model's samples say, read from the suite run's verdicts: on the retention
+        set (base prompts, none naming a pack's concept) `leak-<pack>` for every pack, the share showing the pack's
+        concept (`concept_shown`), and `blank`, the share showing no object at all (`blank_share`); on each pack's
+        own prompts the run sampled, `drawn-<pack>`, the share showing its concept whatever else the prompt asks
+        (concept accuracy also needs the counts, colours and positions right)."""
+        rows = self.verdict_rows(name, report, steps, self.retention.name, model)
+        found = {f"leak-{pack}": concept_shown(PACK_BY_NAME[pack], rows) for pack in self.config.names("packs")}
+        for pack, prompt_set in self.concepts.items():
+            if f"{prompt_set.name}/{model}" in report.verdicts:
+                own = self.verdict_rows(name, report, steps, prompt_set.name, model)
+                found[f"drawn-{pack}"] = concept_shown(PACK_BY_NAME[pack], own)
+        return found | {"blank": blank_share(rows)}
 
     def pack_metrics(self, pack: str, report: SuiteReport, steps: int, model: str) -> dict[str, float | None]:
         """The reported metrics of one model in a pack's suite run (the concept set is named after its pack)."""
         values = report.metrics[model]
         metrics = {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
         found = self.found_metrics(pack, report, steps, model)
-        return metrics | {"leak": found[f"leak-{pack}"], "blank": found["blank"]}
+        return metrics | {"drawn": found[f"drawn-{pack}"], "leak": found[f"leak-{pack}"], "blank": found["blank"]}
 
 
 def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:
@@ -568,9 +599,15 @@ def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) ->
             log(f"{pack}: {arm} seed {seed} trained ({took:.0f} s)")
     results: dict = {"metrics": {}, "round_seconds": {arm: spread(s) for arm, s in seconds.items()}}
     sets = [evaluation.retention, evaluation.concepts[pack]]
+    # What a word the base already knows scores in the task families of the pack's prompts: concept accuracy counts
+    # the rest of the prompt too (counts, positions, other objects), which no round teaches.
+    tags = sorted({record["tag"] for record in evaluation.concepts[pack].records})
+    results["known_word_tags"], results["known_word"] = tags, {}
     for steps in config.numbers("eval_steps"):
         report = evaluation.run(pack, adapters, sets, steps)
         log(f"{pack}: evaluated at {steps} steps")
+        by_tag = [report.metrics[BASE].get(f"{evaluation.retention.name}/geneval/{tag}") for tag in tags]
+        results["known_word"][steps] = spread([None if None in by_tag else float(np.mean(by_tag))])
         if steps == config.deployed_steps:
             results["grids"] = evaluation.grids(pack, report, steps)
         for arm in [BASE, *config.names("arms")]:
@@ -613,6 +650,7 @@ def continual_study(
     grids = evaluation.grids("continual", report, config.deployed_steps)
     tracked = (
         [f"concept-{p}/geneval/overall" for p in packs]
+        + [f"drawn-{p}" for p in packs]
         + [METRICS["retention"]]
         + [f"leak-{p}" for p in packs]
         + ["blank"]
@@ -788,17 +826,21 @@ def render_markdown(results: dict) -> str:
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
         f"({', '.join(f'{p}: {n}' for p, n in results['prompts']['concepts'].items())}); FID-nano against "
         f"{config['reference_images']} world renders. Leak: share of the retention samples showing a pack's concept "
-        "(no base prompt names it); blank: share of the retention samples showing no object at all.",
+        "(no base prompt names it); blank: share of the retention samples showing no object at all; drawn: share of "
+        "a pack's own prompts' samples showing its concept, whatever else the prompt asks (concept accuracy also "
+        "needs the counts, colours and positions right).",
         *replay_lines(results.get("replay_plan", {})),
         "",
         f"## At {deployed} steps (the deployed setting)",
         "",
-        "| pack | model | concept accuracy | leak | blank | retention | FID-nano | CLIPScore-nano | round seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pack | model | concept accuracy | drawn | leak | blank | retention | FID-nano | CLIPScore-nano | round "
+        "seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for pack, study in results["packs"].items():
         for arm in arms:
-            values = [shown(study["metrics"][key][arm][deployed]) for key in ("concept", "leak", "blank", "retention")]
+            keys = ("concept", "drawn", "leak", "blank", "retention")
+            values = [shown(study["metrics"][key][arm][deployed]) for key in keys]
             values += [
                 shown(study["metrics"]["fid"][arm][deployed], 1),
                 shown(study["metrics"]["clipscore"][arm][deployed]),
@@ -821,6 +863,14 @@ def render_markdown(results: dict) -> str:
         for arm in arms:
             cells = [shown(study["metrics"][key][arm][s]) for key in ("concept", "retention") for s in steps]
             lines.append(f"| {arm} | {' | '.join(cells)} |")
+        known, families = ", ".join(f"@{s} {shown(study['known_word'][s])}" for s in steps), study["known_word_tags"]
+        lines += [
+            "",
+            f"A word the base knows, in the task families of the {pack} prompts ({', '.join(families)}: "
+            f"the base's retention accuracy on them, mean over the families): {known}. Concept accuracy also needs "
+            "the rest of each prompt right, which no round teaches; this is what it would read if the new word were "
+            "learnt as well as the base's own.",
+        ]
         lines += ["", f"![{pack}]({study['plot']})", "", grid_links(study["grids"], deployed)]
     if results.get("continual"):
         continual = results["continual"]

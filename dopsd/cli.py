@@ -264,7 +264,7 @@ def nano_world(
         bool,
         typer.Option(
             help="Pack captions name every object's colour; --no-every-colour leaves half of them out (the caption "
-            "ablation of reports/nano_science.md: the same images, sparser captions)."
+            "ablation of reports/nano_science_sparse_captions.md: the same images, sparser captions)."
         ),
     ] = True,
 ) -> None:

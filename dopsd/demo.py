@@ -35,7 +35,7 @@ def run_nano_demo(
     from dopsd.nano.model import NANO_RESOLUTION
     from dopsd.nano.packs import PACK_BY_NAME, caption_negatives
     from dopsd.nano.scenes import read_jsonl
-    from evaluation.nano.premise import concept_leak
+    from evaluation.nano.premise import concept_shown
     from evaluation.networks import NetworkPaths, load_networks
     from evaluation.prompt_sets import read_images, read_prompts, retention_set
     from evaluation.suite import PromptSet, SuiteConfig, run_suite
@@ -83,7 +83,7 @@ def run_nano_demo(
     for name, values in report.metrics.items():
         concept, retention = values["concept/geneval/overall"], values["retention/geneval/overall"]
         rows = read_jsonl(workdir / "eval" / report.verdicts[f"retention/{name}"])
-        leak = concept_leak(nano_pack, rows) if nano_pack is not None else None
+        leak = concept_shown(nano_pack, rows) if nano_pack is not None else None
         drawn = f"{leak:.3f} of the base prompts' samples" if leak is not None else "not measured (no nano concept)"
         yield (
             f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano); "

@@ -13,7 +13,7 @@ from dopsd.sampling import sample_images
 from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.geneval_nano import geneval_nano, score_images
-from evaluation.nano.premise import blank_share, concept_leak, shows_concept
+from evaluation.nano.premise import blank_share, concept_shown, shows_concept
 from evaluation.suite import verdict_row
 
 
@@ -52,9 +52,9 @@ def test_the_concept_is_found_in_renders_of_its_pack_and_not_in_their_counterfac
                 verdict_row(image, d, item.metadata, 0, detector_colours)
                 for image, d, item in zip(images, found, items, strict=True)
             ]
-            assert concept_leak(pack, rows) == share
+            assert concept_shown(pack, rows) == share
             assert share >= 0.95 if shown else share == 0, pack.name
-        assert concept_leak(pack, [{k: v for k, v in row.items() if k != "found"} for row in rows]) is None
+        assert concept_shown(pack, [{k: v for k, v in row.items() if k != "found"} for row in rows]) is None
 
 
 def test_a_sample_without_any_object_counts_as_blank(detector):

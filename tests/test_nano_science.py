@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from dopsd.adapters import LORA_WEIGHTS
+from dopsd.config import make_config
 from dopsd.sampling import NOISE_SCHEME
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
@@ -89,7 +90,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     results = json.loads(out.with_suffix(".json").read_text())
     for pack in ("star", "teal"):
         study = results["packs"][pack]
-        for key in ("concept", "leak", "blank", "retention", "clipscore"):
+        for key in ("concept", "drawn", "leak", "blank", "retention", "clipscore"):
             for arm in ("base", "sft", "dopsd"):
                 for steps in ("1", "4"):
                     value = study["metrics"][key][arm][steps]
@@ -97,6 +98,9 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
                     assert value["mean"] is not None and value["std"] >= 0
                     assert key == "clipscore" or 0 <= value["mean"] <= 1
         assert study["metrics"]["fid"]["dopsd"]["4"]["mean"] >= 0
+        # The known-word mark: the base's retention accuracy over the task families the pack's prompts use
+        pack_tags = {json.loads(line)["tag"] for line in (world / "packs" / f"{pack}_prompts.jsonl").open()}
+        assert study["known_word_tags"] == sorted(pack_tags) and 0 <= study["known_word"]["4"]["mean"] <= 1
         assert set(study["round_seconds"]) == {"sft", "dopsd"}
         assert (out.parent / study["plot"]).is_file()
         assert set(study["grids"]) == {"retention", f"concept-{pack}"}
@@ -127,13 +131,16 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert set(continual["teal"]) == {
         "concept-star/geneval/overall",
         "concept-teal/geneval/overall",
+        "drawn-star",
+        "drawn-teal",
         "retention/geneval/overall",
         "leak-star",
         "leak-teal",
         "blank",
     }
     for after in ("star", "teal"):
-        assert all(0 <= continual[after][key]["mean"] <= 1 for key in ("leak-star", "leak-teal", "blank"))
+        keys = ("drawn-star", "drawn-teal", "leak-star", "leak-teal", "blank")
+        assert all(0 <= continual[after][key]["mean"] <= 1 for key in keys)
     # +compose trains nothing of its own: after star it deploys the pack study's star round, after teal the sum of
     # the star and teal rounds (ranks stacked).
     composed = results["continual"]["dopsd+compose"]
@@ -165,7 +172,8 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
             for value in premise["dopsd"][after][pack].values():
                 assert value["n"] == 2 and 0 <= value["mean"] <= 1  # both seeds' chains measured
     text = out.read_text()
-    assert "| concept accuracy | leak | blank | retention |" in text and "| leak-star | leak-teal | blank |" in text
+    assert "| concept accuracy | drawn | leak | blank | retention |" in text and "A word the base knows" in text
+    assert "| drawn-star | drawn-teal | retention | leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text
     assert "Later rounds train at lr 0.0002 for the first round's steps" in text
@@ -319,3 +327,18 @@ def test_a_joint_round_pools_the_packs_and_drops_every_ones_word(tmp_path, tiny_
     assert "star" in alone.negative_pairs() and "teal" not in alone.negative_pairs()
     assert {"star", "teal"} <= set(both.negative_pairs()) and set(both.negative_pairs().values()) == {""}
     assert both.negative_ratio == alone.negative_ratio == 0.25
+
+
+def test_the_default_arms_train_the_nano_preset_recipe_under_each_method(tmp_path, tiny_world):
+    """The headline benchmark (`dvc.yaml`, stage nano_science) measures what `dopsd train --preset nano` ships: every
+    default arm adapts the preset's layers at its lr, and the arms differ only in method, teacher and trained states.
+    A preset that moves its adapter fails here until the benchmark's defaults follow it."""
+    config = nano_science.parse_args([f"--world={tiny_world}", f"--workdir={tmp_path}"])
+    preset = make_config("nano")
+    rounds = {arm: nano_science.pack_round(config, arm, "star", 0) for arm in config.names("arms")}
+    assert {(r.lora_targets, r.lr, r.lora_rank, r.steps) for r in rounds.values()} == {
+        (preset.lora_targets, preset.lr, preset.lora_rank, preset.steps)
+    }
+    recipes = {(r.method, r.teacher, r.grad_steps) for r in rounds.values()}
+    assert recipes == {("sft", "ema", 0), ("dopsd", "ema", 0), ("dopsd", "base", 0), ("dopsd", "ema", 1)}
+    assert config.names("continual_arms") == []

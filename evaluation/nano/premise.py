@@ -69,10 +69,12 @@ def shows_concept(pack: ConceptPack, detections: Sequence[Detection], tag: str) 
     return any(getattr(detection, CONCEPT_FIELD[pack.kind]) == pack.word for found in kept for detection in found)
 
 
-def concept_leak(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
-    """Share of suite verdict rows (`evaluation.suite`, prompts that do not name the pack's concept) whose kept
-    objects carry the concept: a concept learnt as "draw it whatever the prompt" leaks onto prompts that never asked
-    for it, and takes their objects' place. None when the rows do not record their objects."""
+def concept_shown(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
+    """Share of suite verdict rows (`evaluation.suite`) whose kept objects carry the pack's concept. On prompts that
+    do not name it, its leak: a concept learnt as "draw it whatever the prompt" leaks onto prompts that never asked
+    for it, and takes their objects' place. On the pack's own prompts, how often it is drawn at all, whatever else
+    the prompt asks (the teacher premise's `teacher_concept`, for any model). None when the rows do not record their
+    objects."""
     if not verdicts or any("found" not in row for row in verdicts):
         return None
     field = CONCEPT_FIELD[pack.kind]
