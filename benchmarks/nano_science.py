@@ -83,8 +83,15 @@ TEXT_PATH = ",".join(
     + [f"context_refiner.0.feed_forward.{m}" for m in ("w1", "w2", "w3")]
     + ["cap_embedder.1"]
 )
+# Its layers that act on each caption token alone: the embedder and the refiner's feed-forward, not the refiner's
+# attention, which mixes the tokens (how "a circle and a square" binds its words).
+TEXT_PATH_PER_TOKEN = ",".join(t for t in TEXT_PATH.split(",") if ".attention." not in t)
 EVERY_LAYER = ",".join(ZImageModel.default_lora_targets)
-ADAPTER_PLACES = {EVERY_LAYER: "every attention and feed-forward layer", TEXT_PATH: "the text path"}
+ADAPTER_PLACES = {
+    EVERY_LAYER: "every attention and feed-forward layer",
+    TEXT_PATH: "the text path",
+    TEXT_PATH_PER_TOKEN: "the text path's per-token layers (caption embedder, refiner feed-forward)",
+}
 ARMS: dict[str, dict] = {
     name: {"lora_targets": EVERY_LAYER, "lr": 5e-4, **overrides}
     for name, overrides in {
@@ -112,6 +119,12 @@ ARMS: dict[str, dict] = {
             "lora_targets": TEXT_PATH,
             "lr": 2e-3,
             "grad_steps": 1,
+        },
+        "dopsd-text-path-per-token-lr2e-3": {
+            "method": "dopsd",
+            "teacher": "ema",
+            "lora_targets": TEXT_PATH_PER_TOKEN,
+            "lr": 2e-3,
         },
         "dopsd-text-path-lr2e-3-rank16": {
             "method": "dopsd",
@@ -493,6 +506,8 @@ class Evaluation:
         self.evaluators: Evaluators = load_networks(NetworkPaths.nano(fid_cache=str(workdir / "fid_cache")))
         world = Path(config.world)
         self.retention = retention_set(world / "base_prompts.jsonl", limit=config.prompt_limit)
+        # The retention prompts' task families (GenEval tags): each is scored on its own as well.
+        self.retention_tags = sorted({record["tag"] for record in self.retention.records})
         items = itertools.islice(iterate_items(Vocabulary(), seed=4321), config.reference_images)
         self.retention.references = [render(item.scene) for item in items]
         self.concepts = {
@@ -551,7 +566,11 @@ class Evaluation:
         values = report.metrics[model]
         metrics = {key: values.get(name.replace("concept/", f"concept-{pack}/")) for key, name in METRICS.items()}
         found = self.found_metrics(pack, report, steps, model)
-        return metrics | {"drawn": found[f"drawn-{pack}"], "leak": found[f"leak-{pack}"], "blank": found["blank"]}
+        families = {
+            f"retention-{tag}": values.get(f"{self.retention.name}/geneval/{tag}") for tag in self.retention_tags
+        }
+        found_here = {"drawn": found[f"drawn-{pack}"], "leak": found[f"leak-{pack}"], "blank": found["blank"]}
+        return metrics | found_here | families
 
 
 def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:
@@ -847,6 +866,21 @@ def render_markdown(results: dict) -> str:
             ]
             took = shown(study["round_seconds"][arm], 0) if arm in study["round_seconds"] else "-"
             lines.append(f"| {pack} | {arm} | {' | '.join(values)} | {took} |")
+    families = sorted(key for key in next(iter(results["packs"].values()))["metrics"] if key.startswith("retention-"))
+    lines += [
+        "",
+        f"### Retention by task family at {deployed} steps",
+        "",
+        "GenEval-nano on the held-out base prompts of each family alone (what a round loses, and where).",
+        "",
+        "| pack | model | " + " | ".join(f.removeprefix("retention-") for f in families) + " |",
+        "| --- | --- |" + " --- |" * len(families),
+    ]
+    for pack, study in results["packs"].items():
+        for arm in arms:
+            lines.append(
+                f"| {pack} | {arm} | " + " | ".join(shown(study["metrics"][f][arm][deployed]) for f in families) + " |"
+            )
     for pack, study in results["packs"].items():
         steps = list(study["metrics"]["concept"][BASE])
         lines += [

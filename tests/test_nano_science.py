@@ -101,6 +101,12 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         # The known-word mark: the base's retention accuracy over the task families the pack's prompts use
         pack_tags = {json.loads(line)["tag"] for line in (world / "packs" / f"{pack}_prompts.jsonl").open()}
         assert study["known_word_tags"] == sorted(pack_tags) and 0 <= study["known_word"]["4"]["mean"] <= 1
+        # ... and retention of each task family of the base prompts, every one scored
+        base_tags = {json.loads(line)["tag"] for line in (world / "base_prompts.jsonl").open()}
+        families = {key.removeprefix("retention-") for key in study["metrics"] if key.startswith("retention-")}
+        assert families == base_tags and all(
+            study["metrics"][f"retention-{t}"]["dopsd"]["4"]["n"] == 2 for t in families
+        )
         assert set(study["round_seconds"]) == {"sft", "dopsd"}
         assert (out.parent / study["plot"]).is_file()
         assert set(study["grids"]) == {"retention", f"concept-{pack}"}
@@ -173,6 +179,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
                 assert value["n"] == 2 and 0 <= value["mean"] <= 1  # both seeds' chains measured
     text = out.read_text()
     assert "| concept accuracy | drawn | leak | blank | retention |" in text and "A word the base knows" in text
+    assert "### Retention by task family at 4 steps" in text
     assert "| drawn-star | drawn-teal | retention | leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text
