@@ -120,6 +120,13 @@ ARMS: dict[str, dict] = {
             "lr": 2e-3,
             "grad_steps": 1,
         },
+        "dopsd-text-path-lr2e-3-anchored": {
+            "method": "dopsd",
+            "teacher": "ema",
+            "lora_targets": TEXT_PATH,
+            "lr": 2e-3,
+            "anchor_layout": 1.0,
+        },
         "dopsd-text-path-per-token-lr2e-3": {
             "method": "dopsd",
             "teacher": "ema",
