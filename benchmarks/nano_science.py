@@ -92,6 +92,8 @@ ADAPTER_PLACES = {
     TEXT_PATH: "the text path",
     TEXT_PATH_PER_TOKEN: "the text path's per-token layers (caption embedder, refiner feed-forward)",
 }
+TEXT_PATH_DOPSD = {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3}
+"""The nano preset's recipe as an arm: D-OPSD, EMA teacher, the text path at lr 2e-3 (its variants add to it)."""
 ARMS: dict[str, dict] = {
     name: {"lora_targets": EVERY_LAYER, "lr": 5e-4, **overrides}
     for name, overrides in {
@@ -112,42 +114,14 @@ ARMS: dict[str, dict] = {
             "anchor_layout": 1.0,
             "anchor_min_sigma": 0.95,
         },
-        "dopsd-text-path-lr2e-3": {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3},
-        "dopsd-text-path-lr2e-3-grad1": {
-            "method": "dopsd",
-            "teacher": "ema",
-            "lora_targets": TEXT_PATH,
-            "lr": 2e-3,
-            "grad_steps": 1,
-        },
-        "dopsd-text-path-lr2e-3-anchored": {
-            "method": "dopsd",
-            "teacher": "ema",
-            "lora_targets": TEXT_PATH,
-            "lr": 2e-3,
-            "anchor_layout": 1.0,
-        },
-        "dopsd-text-path-per-token-lr2e-3": {
-            "method": "dopsd",
-            "teacher": "ema",
-            "lora_targets": TEXT_PATH_PER_TOKEN,
-            "lr": 2e-3,
-        },
-        "dopsd-text-path-lr2e-3-rank16": {
-            "method": "dopsd",
-            "teacher": "ema",
-            "lora_targets": TEXT_PATH,
-            "lr": 2e-3,
-            "lora_rank": 16,
-            "lora_alpha": 32.0,  # the preset's alpha / rank, so a rank-16 update starts at the same scale
-        },
+        "dopsd-text-path-lr2e-3": TEXT_PATH_DOPSD,
+        "dopsd-text-path-lr2e-3-grad1": TEXT_PATH_DOPSD | {"grad_steps": 1},
+        "dopsd-text-path-lr2e-3-anchored": TEXT_PATH_DOPSD | {"anchor_layout": 1.0},
+        "dopsd-text-path-per-token-lr2e-3": TEXT_PATH_DOPSD | {"lora_targets": TEXT_PATH_PER_TOKEN},
+        "dopsd-text-path-lr2e-3-rank16": TEXT_PATH_DOPSD
+        | {"lora_rank": 16, "lora_alpha": 32.0},  # the preset's alpha / rank: a rank-16 update starts at the same scale
         "dopsd-base-teacher-text-path": {"method": "dopsd", "teacher": "base", "lora_targets": TEXT_PATH},
-        "dopsd-base-teacher-text-path-lr2e-3": {
-            "method": "dopsd",
-            "teacher": "base",
-            "lora_targets": TEXT_PATH,
-            "lr": 2e-3,
-        },
+        "dopsd-base-teacher-text-path-lr2e-3": TEXT_PATH_DOPSD | {"teacher": "base"},
         "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
         "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
     }.items()
