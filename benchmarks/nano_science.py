@@ -117,6 +117,7 @@ ARMS: dict[str, dict] = {
         "dopsd-text-path-lr2e-3": TEXT_PATH_DOPSD,
         "dopsd-text-path-lr2e-3-grad1": TEXT_PATH_DOPSD | {"grad_steps": 1},
         "dopsd-text-path-lr2e-3-anchored": TEXT_PATH_DOPSD | {"anchor_layout": 1.0},
+        "dopsd-text-path-lr2e-3-anchored-half": TEXT_PATH_DOPSD | {"anchor_layout": 0.5},
         "dopsd-text-path-per-token-lr2e-3": TEXT_PATH_DOPSD | {"lora_targets": TEXT_PATH_PER_TOKEN},
         "dopsd-text-path-lr2e-3-rank16": TEXT_PATH_DOPSD
         | {"lora_rank": 16, "lora_alpha": 32.0},  # the preset's alpha / rank: a rank-16 update starts at the same scale

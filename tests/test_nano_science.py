@@ -2,12 +2,14 @@
 at every step count, the continual run chains its rounds, and a second run reuses all of it."""
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file, save_file
 
 from dopsd.adapters import LORA_WEIGHTS
@@ -349,3 +351,22 @@ def test_the_default_arms_train_the_nano_preset_recipe_under_each_method(tmp_pat
     recipes = {(r.method, r.teacher, r.grad_steps) for r in rounds.values()}
     assert recipes == {("sft", "ema", 0), ("dopsd", "ema", 0), ("dopsd", "base", 0), ("dopsd", "ema", 1)}
     assert config.names("continual_arms") == []
+
+
+def test_the_dvc_stage_recommended_chain_holds_the_top_states_at_half_weight_in_every_round(tmp_path):
+    """`dvc repro nano_science` runs the recommended chain as its second command: the preset's text path, the world
+    and the earlier packs replayed and taught by the previous adapter, the pack's word dropped in caption negatives,
+    and the layout anchor at half weight in every round, the later rounds at twice the lr."""
+    stage = yaml.safe_load((SCRIPT.parent.parent / "dvc.yaml").read_text())["stages"]["nano_science"]
+    program, script, *options = shlex.split(stage["cmd"][1])
+    assert (program, Path(script).name) == ("python", SCRIPT.name)
+    config = nano_science.parse_args([*options, f"--workdir={tmp_path}"])
+    (arm,) = config.names("continual_arms")
+    packs, previous, preset = config.names("packs"), "", make_config("nano")
+    for i, pack in enumerate(packs):
+        chained = nano_science.round_config(config, arm, pack, 0, tmp_path / pack, previous, earlier=packs[:i])
+        assert (chained.anchor_layout, chained.replay_teacher) == (0.5, "previous")
+        assert chained.lora_targets == preset.lora_targets and chained.init_adapter == previous
+        assert pack in chained.negative_pairs() and set(chained.negative_pairs().values()) == {""}
+        assert chained.negative_ratio == 0.375 and chained.lr == (preset.lr if i == 0 else 2 * preset.lr)
+        previous = f"{pack}/adapter"
