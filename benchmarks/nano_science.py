@@ -57,15 +57,9 @@ from dopsd.config import TrainConfig, comma_separated, make_config, parse_datacl
 from dopsd.data import image_files
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import WorldStream, default_device, machine_description
+from dopsd.nano.bootstrap import default_device, machine_description, write_world_replay
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import (
-    PACK_BY_NAME,
-    NegativeWords,
-    caption_negatives,
-    write_counterfactuals,
-    write_landing_folder,
-)
+from dopsd.nano.packs import PACK_BY_NAME, NegativeWords, caption_negatives, write_counterfactuals
 from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
@@ -339,10 +333,7 @@ def arm_recipe(arm: str) -> str:
 def replay_folder(config: ScienceConfig) -> str:
     if config.replay_ratio <= 0:
         return ""
-    folder = Path(config.workdir) / "replay"
-    if not folder.is_dir():
-        write_landing_folder(folder, WorldStream(seed=777).batch(config.replay_images), "world")
-    return str(folder)
+    return str(write_world_replay(Path(config.workdir) / "replay", config.replay_images))
 
 
 def counterfactual_folder(config: ScienceConfig, pack: str) -> str:

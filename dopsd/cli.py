@@ -115,9 +115,10 @@ def demo(
         list[str] | None, typer.Option("--set", help="Override a field of the nano preset, repeatable: --set lr=1e-3.")
     ] = None,
 ) -> None:
-    """Teach the nano base a concept pack with a D-OPSD round (with caption negatives that drop the pack's word;
-    `--set caption_negatives= --set negative_ratio=0` for none), then score base and adapter at 4 steps: the new
-    concept's accuracy, retention of held-out base prompts, the concept's leak onto them, side-by-side grids."""
+    """Teach the nano base a concept pack with a D-OPSD round (keeping the base with caption negatives that drop the
+    pack's word and replayed world renders, their top states anchored; `--set anchor_layout=0 --set replay_ratio=0
+    --set negative_ratio=0` for none), then score base and adapter at 4 steps: the new concept's accuracy, retention
+    of held-out base prompts, the concept's leak onto them, side-by-side grids."""
     from dopsd.config import parse_overrides
 
     try:

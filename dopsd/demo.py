@@ -4,8 +4,9 @@
 steps on the same prompts and noise: the concept's accuracy (did it learn?) and retention on held-out base prompts
 (did it keep what it knew?), and how often the concept is drawn on those base prompts, which never name it (did it
 learn the word, or to draw the concept whatever the prompt?), with side-by-side grids. On a nano pack the round
-also trains on caption negatives, the pack's captions minus its word, as a user with a leaky word would
-(`--set caption_negatives= --set negative_ratio=0`: none).
+also keeps what the base draws as a continual round would: caption negatives (the pack's captions minus its word)
+and replayed base-world renders, both taught by the base from their captions, their top sampling states held at
+half weight (`--set anchor_layout=0 --set replay_ratio=0 --set negative_ratio=0`: none of it).
 """
 
 from __future__ import annotations
@@ -17,8 +18,20 @@ from pathlib import Path
 from dopsd.config import make_config
 from dopsd.train import train
 
-DEMO_NEGATIVE_RATIO = 0.625
-"""Share of each demo batch drawn from the caption negatives: the share every nano screen of them used."""
+KEEP_THE_BASE: dict[str, str | float] = {
+    "negative_ratio": 0.375,
+    "replay_ratio": 0.125,
+    "replay_teacher": "previous",
+    "anchor_layout": 0.5,
+}
+"""How a demo round on a nano pack keeps what the base draws: the first round of the recommended continual chain
+(dvc.yaml, stage nano_science). Caption negatives, 0.375 of each batch, and base-world renders, 0.125, taught by the
+base from their captions, with their top sampling states held at half weight. On star / teal / striped, 3 seeds, 4
+steps, it learns 0.338 / 0.333 / 0.312 and keeps retention 0.514 / 0.519 / 0.530 of the base's 0.528, with FID-nano
+64.5 / 44.7 / 44.0 (base 47.9; reports/nano_science_text_path_anchored_half.md), where negatives alone at 0.625 learnt
+0.316 / 0.259 / 0.319 and kept 0.472 / 0.488 / 0.505, and the preset alone 0.328 / 0.438 / 0.357 and 0.415 / 0.425 /
+0.446 (reports/nano_science_text_path_caption_negatives_dropped.md, the stripes' in
+reports/nano_science_text_path_caption_negatives.md; reports/nano_science.md)."""
 
 
 def run_nano_demo(
@@ -32,6 +45,7 @@ def run_nano_demo(
 ) -> Iterator[str]:
     """`overrides`: training config fields set over the `nano` preset (how the preset was tuned)."""
     from dopsd.models import load_model
+    from dopsd.nano.bootstrap import write_world_replay
     from dopsd.nano.model import NANO_RESOLUTION
     from dopsd.nano.packs import PACK_BY_NAME, caption_negatives
     from dopsd.nano.scenes import read_jsonl
@@ -49,22 +63,22 @@ def run_nano_demo(
     }
     nano_pack = PACK_BY_NAME.get(pack)
     if nano_pack is not None:
-        # A new word leaks onto prompts that do not name it; negatives that drop it from the pack's own captions
-        # halve that on the star and keep more of the base (3 seeds: leak 0.261 vs 0.506, retention 0.472 vs 0.415,
-        # concept 0.316 vs 0.328; reports/nano_science_text_path_caption_negatives_dropped.md).
-        fields |= {"caption_negatives": caption_negatives(nano_pack), "negative_ratio": DEMO_NEGATIVE_RATIO}
+        replay = write_world_replay(workdir / "replay")
+        fields |= {"caption_negatives": caption_negatives(nano_pack), "replay_data": str(replay), **KEEP_THE_BASE}
     # An override wins over the demo's own fields (--set steps=600 over --steps).
     config = make_config("nano", **(fields | (overrides or {})))
     losses: list[float] = []
     start = time.time()
     adapter = train(config, on_metrics=lambda step, m: losses.append(m["loss"]))
     trained = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "already trained"
-    negatives = (
-        f", caption negatives {config.caption_negatives} ({config.negative_ratio})" if config.negative_ratio else ""
-    )
+    keeping = [
+        f"caption negatives {config.caption_negatives} ({config.negative_ratio})" if config.negative_ratio else "",
+        f"world replay ({config.replay_ratio})" if config.replay_ratio else "",
+        f"layout anchor {config.anchor_layout}" if config.anchor_layout else "",
+    ]
     yield (
-        f"D-OPSD round on {data}: {config.steps} steps{negatives}, {time.time() - start:.0f} s, {trained}; "
-        f"adapter in {adapter}"
+        f"D-OPSD round on {data}: {config.steps} steps{''.join(', ' + part for part in keeping if part)}, "
+        f"{time.time() - start:.0f} s, {trained}; adapter in {adapter}"
     )
     prompt_sets = [
         retention_set(world / "base_prompts.jsonl", limit=prompts_per_task),

@@ -27,7 +27,8 @@ def demo_error(*options) -> str:
 def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_bootstrap, tiny_world):
     options = [f"--model={tiny_nano_bootstrap.model_dir}", f"--world={tiny_world}", "--steps=5", "--set=lr=2e-4"]
     shown = demo(*options, f"--workdir={tmp_path}", "--pack=teal", "--set", "teacher=base", "--set=steps=2")
-    assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps, caption negatives teal= (0.625)" in shown
+    keeping = "caption negatives teal= (0.375), world replay (0.125), layout anchor 0.5"
+    assert f"D-OPSD round on {tiny_world / 'packs' / 'teal'}: 2 steps, {keeping}" in shown
     for name in ("base", "dopsd"):
         line = next(line for line in shown.splitlines() if line.startswith(f"{name} at 4 steps: teal accuracy "))
         drawn = float(line.split("teal drawn on ")[1].split()[0])
@@ -35,7 +36,10 @@ def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_boo
     assert (tmp_path / "round" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     trained = json.loads((tmp_path / "round" / "config.json").read_text())
     assert (trained["lr"], trained["teacher"], trained["ema_decay"]) == (2e-4, "base", make_config("nano").ema_decay)
-    assert (trained["caption_negatives"], trained["negative_ratio"]) == ("teal=", 0.625)
+    assert (trained["caption_negatives"], trained["negative_ratio"]) == ("teal=", 0.375)
+    assert (trained["replay_data"], trained["replay_ratio"]) == (str(tmp_path / "replay"), 0.125)
+    assert (trained["replay_teacher"], trained["anchor_layout"]) == ("previous", 0.5)
+    assert len(list((tmp_path / "replay").glob("world_*.png"))) == 64
     assert (tmp_path / "eval" / "grids" / "concept.png").is_file() and (tmp_path / "eval" / "report.json").is_file()
 
 

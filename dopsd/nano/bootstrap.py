@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from dopsd.models.tiny import TEACHER_ENCODER_FOLDER
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION, build_nano_pipeline
+from dopsd.nano.packs import write_landing_folder
 from dopsd.nano.scenes import TASKS, TRAINING_LEADS, SceneSampler
 from dopsd.nano.world import COLOURS, SHAPES, SIZES, TEXTURES, Scene, Vocabulary, relayout, render
 from dopsd.sampling import euler_sample
@@ -267,6 +268,15 @@ class WorldStream:
 
     def reference(self, scene: Scene) -> Image.Image:
         return render(relayout(scene, self.rng))
+
+
+def write_world_replay(folder: str | Path, images: int = 64) -> Path:
+    """Base-world renders with training captions (never the held-out prompts) as a landing folder: what a round
+    replays to keep what the base draws. Always the same renders (one seed), so rounds that replay them agree."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        write_landing_folder(folder, WorldStream(seed=777).batch(images), "world")
+    return folder
 
 
 class LatentPool:
