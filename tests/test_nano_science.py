@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from dopsd.adapters import LORA_WEIGHTS
 from dopsd.config import make_config
+from dopsd.demo import KEEP_THE_BASE
 from dopsd.sampling import NOISE_SCHEME
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
@@ -356,7 +357,8 @@ def test_the_default_arms_train_the_nano_preset_recipe_under_each_method(tmp_pat
 def test_the_dvc_stage_recommended_chain_holds_the_top_states_at_half_weight_in_every_round(tmp_path):
     """`dvc repro nano_science` runs the recommended chain as its second command: the preset's text path, the world
     and the earlier packs replayed and taught by the previous adapter, the pack's word dropped in caption negatives,
-    and the layout anchor at half weight in every round, the later rounds at twice the lr."""
+    and the layout anchor at half weight in every round, the later rounds at twice the lr. Its first round is the
+    demo's."""
     stage = yaml.safe_load((SCRIPT.parent.parent / "dvc.yaml").read_text())["stages"]["nano_science"]
     program, script, *options = shlex.split(stage["cmd"][1])
     assert (program, Path(script).name) == ("python", SCRIPT.name)
@@ -369,4 +371,6 @@ def test_the_dvc_stage_recommended_chain_holds_the_top_states_at_half_weight_in_
         assert chained.lora_targets == preset.lora_targets and chained.init_adapter == previous
         assert pack in chained.negative_pairs() and set(chained.negative_pairs().values()) == {""}
         assert chained.negative_ratio == 0.375 and chained.lr == (preset.lr if i == 0 else 2 * preset.lr)
+        if i == 0:
+            assert {field: getattr(chained, field) for field in KEEP_THE_BASE} == KEEP_THE_BASE
         previous = f"{pack}/adapter"
