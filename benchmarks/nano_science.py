@@ -870,11 +870,10 @@ def render_markdown(results: dict) -> str:
         for arm in arms:
             cells = [shown(study["metrics"][key][arm][s]) for key in ("concept", "retention") for s in steps]
             lines.append(f"| {arm} | {' | '.join(cells)} |")
-        known = ", ".join(f"@{s} {shown(study['known_word'][s])}" for s in steps)
+        known, tags = ", ".join(f"@{s} {shown(study['known_word'][s])}" for s in steps), study["known_word_tags"]
         lines += [
             "",
-            f"A word the base knows, in the task families of the {pack} prompts ({', '.join(study['known_word_tags'])}"
-            ": "
+            f"A word the base knows, in the task families of the {pack} prompts ({', '.join(tags)}: "
             f"the base's retention accuracy on them, mean over the families): {known}. Concept accuracy also needs "
             "the rest of each prompt right, which no round teaches; this is what it would read if the new word were "
             "learnt as well as the base's own.",
