@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dopsd.data import read_dataset
+from dopsd.nano.bootstrap import write_world_replay
 from dopsd.nano.packs import PACK_BY_NAME, PACKS, caption_negatives, concept_item, pack_prompts, write_pack
 from dopsd.nano.scenes import TASKS, SceneSampler, prompt_set, read_jsonl, relation_holds, write_jsonl
 from dopsd.nano.world import (
@@ -145,3 +146,17 @@ def test_caption_negatives_swap_or_drop_each_word_a_counterfactual_swaps():
     assert caption_negatives(star) == "star=,stars="
     assert (caption_negatives(teal, "swap"), caption_negatives(teal)) == ("teal=blue", "teal=")
     assert caption_negatives(striped, "swap") == caption_negatives(striped) == "striped="
+
+
+def test_world_replay_replaces_a_render_cut_short_and_reuses_a_complete_one(tmp_path):
+    """A round reuses an existing replay folder as is, so one left half-written by a crash must not count."""
+    leftover = tmp_path / "replay.partial"
+    leftover.mkdir()
+    (leftover / "world_000.txt").write_text("a crashed render's caption\n")
+    folder = write_world_replay(tmp_path / "replay", images=6)
+    examples = read_dataset(folder)
+    assert len(examples) == 6 and "crashed" not in examples[0].caption
+    assert not leftover.exists()
+    (folder / "world_005.png").unlink()
+    (folder / "world_005.txt").unlink()
+    assert len(read_dataset(write_world_replay(folder, images=6))) == 5
