@@ -227,6 +227,11 @@ class ScienceConfig:
     continual_steps: int = 0
     """Training steps of the continual run's later rounds (0: the first round's). A later round's pack is a smaller
     share of each batch (the earlier packs' replay takes its part), so more steps show it its own data as often."""
+    continual_anchor_layout: float = -1.0
+    """Layout anchor of the continual run's later rounds (`TrainConfig.anchor_layout`; -1: the arm's, as the first
+    round). 0 anchors the first round alone: it keeps the base's layouts, and a later round is free to draw its new
+    shape, which an anchor on the previous adapter's layouts held back in one order
+    (reports/nano_continual_text_path_anchored_half_teal_first.md)."""
     continual_fused: bool = False
     """Whether the continual run's later rounds fuse the previous adapter into the base and train a fresh LoRA over
     it (`TrainConfig.init_adapter_fused`; the model after a round is the sum of every round's LoRA), instead of going
@@ -282,6 +287,8 @@ def check(config: ScienceConfig) -> dict:
         )
     if config.continual_lr < 0:
         problems.append(f"continual_lr must be >= 0 (0: the arm's), got {config.continual_lr}")
+    if config.continual_anchor_layout < 0 and config.continual_anchor_layout != -1:
+        problems.append(f"continual_anchor_layout must be >= 0 (-1: the arm's), got {config.continual_anchor_layout}")
     if config.continual_steps < 0:
         problems.append(f"continual_steps must be >= 0 (0: the first round's), got {config.continual_steps}")
     world = Path(config.world)
@@ -392,13 +399,15 @@ def round_config(
         if config.caption_negative_ratio > 0
         else ""
     )
-    # A round that starts from an earlier adapter takes the continual run's own lr, steps and fusing where set.
+    # A round that starts from an earlier adapter takes the continual run's own lr, steps, fusing and anchor where set.
     continual_fields = {
         "lr": config.continual_lr,
         "steps": config.continual_steps,
         "init_adapter_fused": config.continual_fused,
     }
     later_round = {field: value for field, value in continual_fields.items() if init_adapter and value}
+    if init_adapter and config.continual_anchor_layout != -1:
+        later_round["anchor_layout"] = config.continual_anchor_layout  # its 0 is a value: the anchor off
     return make_config(
         config.preset,
         model=config.model,
@@ -764,6 +773,13 @@ def plot_pack(pack: str, study: dict, path: Path) -> Path:
     return save_figure(figure, path)
 
 
+def later_anchor(anchor_layout: float) -> str:
+    """The report's words for `continual_anchor_layout` (reports rendered before it existed hold none: the arm's)."""
+    if anchor_layout == -1:
+        return ""
+    return f", layout anchor {anchor_layout}" if anchor_layout else ", no layout anchor"
+
+
 def plot_continual(continual: dict, path: Path) -> Path:
     """Every pack's accuracy and retention from the base through each round, one panel per arm."""
     arms = [arm for arm in continual if arm != BASE]
@@ -889,6 +905,7 @@ def render_markdown(results: dict) -> str:
             "",
             f"Later rounds train at lr {config['continual_lr'] or 'of the arm'} for {later_steps} steps"
             f"{', a fresh LoRA over the previous adapter fused into the base' if config.get('continual_fused') else ''}"
+            f"{later_anchor(config.get('continual_anchor_layout', -1))}"
             "; a "
             f"`+replay` arm adds {config['continual_replay']} to its replay ratio for the earlier packs' data (each "
             "source's share is listed above; `+lwf`: taught by the previous adapter from their captions); a "

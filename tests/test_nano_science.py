@@ -301,10 +301,10 @@ def test_caption_negatives_swap_the_pack_word_in_its_own_captions(tmp_path, tiny
     assert "and caption_negative_ratio must be >= 0 and sum to less than 1" in refused
 
 
-def test_later_rounds_take_their_own_lr_steps_and_fusing_and_a_rank_arm_its_capacity(tmp_path, tiny_world):
-    """`--continual-lr`, `--continual-steps` and `--continual-fused` reach only rounds that start from an earlier
-    adapter; an arm that names its LoRA rank trains at it, at the preset's alpha / rank, and the report names the
-    rank."""
+def test_later_rounds_take_their_own_lr_steps_fusing_and_anchor_and_a_rank_arm_its_capacity(tmp_path, tiny_world):
+    """`--continual-lr`, `--continual-steps`, `--continual-fused` and `--continual-anchor-layout` reach only rounds
+    that start from an earlier adapter; an arm that names its LoRA rank trains at it, at the preset's alpha / rank,
+    and the report names the rank."""
     options = [f"--world={tiny_world}", f"--workdir={tmp_path}", "--continual-lr=4e-3", "--continual-steps=600"]
     config = nano_science.parse_args([*options, "--continual-fused=true"])
     arm = "dopsd-text-path-lr2e-3-rank16+lwf"
@@ -315,6 +315,18 @@ def test_later_rounds_take_their_own_lr_steps_and_fusing_and_a_rank_arm_its_capa
     assert later.init_adapter_fused and not first.init_adapter_fused
     unfused = nano_science.round_config(nano_science.parse_args(options), arm, "teal", 0, tmp_path, "a", ["star"])
     assert not unfused.init_adapter_fused
+    anchored = "dopsd-text-path-lr2e-3-anchored-half+lwf"
+    unanchored_later = nano_science.parse_args([*options, "--continual-anchor-layout=0"])
+    anchors = [
+        nano_science.round_config(settings, anchored, "teal", 0, tmp_path, init, ["star"] if init else []).anchor_layout
+        for settings in (config, unanchored_later)
+        for init in ("", "star/adapter")
+    ]
+    assert anchors == [0.5, 0.5, 0.5, 0.0]
+    assert "continual_anchor_layout must be >= 0 (-1: the arm's), got -0.5" in refusal(
+        *options, "--continual-anchor-layout=-0.5"
+    )
+    assert nano_science.later_anchor(-1) == "" and nano_science.later_anchor(0.0) == ", no layout anchor"
     assert first.lora_rank == later.lora_rank == 16 and plain.lora_rank == 8
     assert first.lora_alpha / first.lora_rank == plain.lora_alpha / plain.lora_rank
     assert plain.lora_targets == first.lora_targets
