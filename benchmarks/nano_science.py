@@ -112,6 +112,7 @@ ARMS: dict[str, dict] = {
         "dopsd-text-path-lr2e-3-grad1": TEXT_PATH_DOPSD | {"grad_steps": 1},
         "dopsd-text-path-lr2e-3-anchored": TEXT_PATH_DOPSD | {"anchor_layout": 1.0},
         "dopsd-text-path-lr2e-3-anchored-half": TEXT_PATH_DOPSD | {"anchor_layout": 0.5},
+        "dopsd-text-path-lr2e-3-anchored-top": TEXT_PATH_DOPSD | {"anchor_layout": 1.0, "anchor_min_sigma": 0.95},
         "dopsd-text-path-per-token-lr2e-3": TEXT_PATH_DOPSD | {"lora_targets": TEXT_PATH_PER_TOKEN},
         "dopsd-text-path-lr2e-3-rank16": TEXT_PATH_DOPSD
         | {"lora_rank": 16, "lora_alpha": 32.0},  # the preset's alpha / rank: a rank-16 update starts at the same scale
@@ -229,9 +230,9 @@ class ScienceConfig:
     share of each batch (the earlier packs' replay takes its part), so more steps show it its own data as often."""
     continual_anchor_layout: float = -1.0
     """Layout anchor of the continual run's later rounds (`TrainConfig.anchor_layout`; -1: the arm's, as the first
-    round). 0 anchors the first round alone: it keeps the base's layouts, and a later round is free to draw its new
-    shape, which an anchor on the previous adapter's layouts held back in one order
-    (reports/nano_continual_text_path_anchored_half_teal_first.md)."""
+    round). 0 anchors the first round alone, leaving later rounds free to lay out a new shape (an anchor on the
+    previous adapter's layouts held one back: reports/nano_continual_text_path_anchored_half_teal_first.md); after
+    three rounds that kept no more of the base than no anchor (reports/nano_continual_text_path_anchored_first.md)."""
     continual_fused: bool = False
     """Whether the continual run's later rounds fuse the previous adapter into the base and train a fresh LoRA over
     it (`TrainConfig.init_adapter_fused`; the model after a round is the sum of every round's LoRA), instead of going
