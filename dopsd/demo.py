@@ -26,12 +26,12 @@ KEEP_THE_BASE: dict[str, str | float] = {
 }
 """How a demo round on a nano pack keeps what the base draws: the recommended continual chain's first round (dvc.yaml,
 stage nano_science), caption negatives, 0.375 of each batch, and base-world renders, 0.125, taught by the base from
-their captions, with their top sampling states held at half weight (safe in a first round; in a chain's later rounds
-the anchor can hold back a new shape: reports/nano_continual_text_path_anchored_half_teal_first.md). On star / teal /
+their captions, with their top sampling states held at half weight (the chain's later rounds too, at twice the steps: at
+300 the anchor held back a new shape, reports/nano_continual_text_path_anchored_half_teal_first.md). On star / teal /
 striped, 3 seeds, 4 steps, it learns 0.338 / 0.333 / 0.312 and keeps retention 0.514 / 0.519 / 0.530 of the base's
 0.528, with FID-nano 64.5 / 44.7 / 44.0 (base 47.9; reports/nano_science_text_path_anchored_half.md), where negatives
-alone at 0.625 learnt 0.316 / 0.259 / 0.319 and kept 0.472 / 0.488 / 0.505, and the preset alone 0.328 / 0.438 /
-0.357 and 0.415 / 0.425 / 0.446 (reports/nano_science_text_path_caption_negatives_dropped.md, the stripes' in
+alone at 0.625 learnt 0.316 / 0.259 / 0.319 and kept 0.472 / 0.488 / 0.505, and the preset alone 0.328 / 0.438 / 0.357
+and 0.415 / 0.425 / 0.446 (reports/nano_science_text_path_caption_negatives_dropped.md, the stripes' in
 reports/nano_science_text_path_caption_negatives.md; reports/nano_science.md)."""
 
 

@@ -369,8 +369,8 @@ def test_the_default_arms_train_the_nano_preset_recipe_under_each_method(tmp_pat
 def test_the_dvc_stage_recommended_chain_replays_taught_by_the_previous_adapter_and_drops_each_word(tmp_path):
     """`dvc repro nano_science` runs the recommended chain as its second command: the preset's text path, the world
     and the earlier packs replayed and taught by the previous adapter, the pack's word dropped in caption negatives,
-    the later rounds at twice the lr, no layout anchor (it held back the last pack in one order). Its first round is
-    the demo's, but for the demo's anchor."""
+    the top sampling states of those held at half weight, the later rounds at twice the lr for twice the steps (the
+    anchor held back the last pack in 300). Its first round is the demo's."""
     stage = yaml.safe_load((SCRIPT.parent.parent / "dvc.yaml").read_text())["stages"]["nano_science"]
     program, script, *options = shlex.split(stage["cmd"][1])
     assert (program, Path(script).name) == ("python", SCRIPT.name)
@@ -379,10 +379,11 @@ def test_the_dvc_stage_recommended_chain_replays_taught_by_the_previous_adapter_
     packs, previous, preset = config.names("packs"), "", make_config("nano")
     for i, pack in enumerate(packs):
         chained = nano_science.round_config(config, arm, pack, 0, tmp_path / pack, previous, earlier=packs[:i])
-        assert (chained.anchor_layout, chained.replay_teacher) == (0.0, "previous")
+        assert (chained.anchor_layout, chained.replay_teacher) == (0.5, "previous")
         assert chained.lora_targets == preset.lora_targets and chained.init_adapter == previous
         assert pack in chained.negative_pairs() and set(chained.negative_pairs().values()) == {""}
         assert chained.negative_ratio == 0.375 and chained.lr == (preset.lr if i == 0 else 2 * preset.lr)
+        assert chained.steps == (preset.steps if i == 0 else 2 * preset.steps)
         if i == 0:
-            assert {field: getattr(chained, field) for field in KEEP_THE_BASE} == KEEP_THE_BASE | {"anchor_layout": 0.0}
+            assert {field: getattr(chained, field) for field in KEEP_THE_BASE} == KEEP_THE_BASE
         previous = f"{pack}/adapter"
