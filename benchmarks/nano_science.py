@@ -157,6 +157,8 @@ BASE_RECORD = "base.json"
 """In the work folder: the base its rounds were trained from and its scores measured on."""
 PREMISE_METRICS = ("teacher_concept", "teacher_accuracy")
 """Teacher-premise figures tracked through the continual run: the concept drawn, the whole prompt right."""
+ARMS_ANCHOR = -1.0
+"""`continual_anchor_layout` when later rounds keep the arm's own anchor: 0 is a value of its own (the anchor off)."""
 
 
 @dataclass
@@ -228,7 +230,7 @@ class ScienceConfig:
     continual_steps: int = 0
     """Training steps of the continual run's later rounds (0: the first round's). A later round's pack is a smaller
     share of each batch (the earlier packs' replay takes its part), so more steps show it its own data as often."""
-    continual_anchor_layout: float = -1.0
+    continual_anchor_layout: float = ARMS_ANCHOR
     """Layout anchor of the continual run's later rounds (`TrainConfig.anchor_layout`; -1: the arm's, as the first
     round). 0 anchors the first round alone, leaving later rounds free to lay out a new shape (an anchor on the
     previous adapter's layouts held one back: reports/nano_continual_text_path_anchored_half_teal_first.md); after
@@ -288,7 +290,7 @@ def check(config: ScienceConfig) -> dict:
         )
     if config.continual_lr < 0:
         problems.append(f"continual_lr must be >= 0 (0: the arm's), got {config.continual_lr}")
-    if config.continual_anchor_layout < 0 and config.continual_anchor_layout != -1:
+    if config.continual_anchor_layout < 0 and config.continual_anchor_layout != ARMS_ANCHOR:
         problems.append(f"continual_anchor_layout must be >= 0 (-1: the arm's), got {config.continual_anchor_layout}")
     if config.continual_steps < 0:
         problems.append(f"continual_steps must be >= 0 (0: the first round's), got {config.continual_steps}")
@@ -407,8 +409,8 @@ def round_config(
         "init_adapter_fused": config.continual_fused,
     }
     later_round = {field: value for field, value in continual_fields.items() if init_adapter and value}
-    if init_adapter and config.continual_anchor_layout != -1:
-        later_round["anchor_layout"] = config.continual_anchor_layout  # its 0 is a value: the anchor off
+    if init_adapter and config.continual_anchor_layout != ARMS_ANCHOR:
+        later_round["anchor_layout"] = config.continual_anchor_layout
     return make_config(
         config.preset,
         model=config.model,
@@ -776,7 +778,7 @@ def plot_pack(pack: str, study: dict, path: Path) -> Path:
 
 def later_anchor(anchor_layout: float) -> str:
     """The report's words for `continual_anchor_layout` (reports rendered before it existed hold none: the arm's)."""
-    if anchor_layout == -1:
+    if anchor_layout == ARMS_ANCHOR:
         return ""
     return f", layout anchor {anchor_layout}" if anchor_layout else ", no layout anchor"
 
@@ -906,7 +908,7 @@ def render_markdown(results: dict) -> str:
             "",
             f"Later rounds train at lr {config['continual_lr'] or 'of the arm'} for {later_steps} steps"
             f"{', a fresh LoRA over the previous adapter fused into the base' if config.get('continual_fused') else ''}"
-            f"{later_anchor(config.get('continual_anchor_layout', -1))}"
+            f"{later_anchor(config.get('continual_anchor_layout', ARMS_ANCHOR))}"
             "; a "
             f"`+replay` arm adds {config['continual_replay']} to its replay ratio for the earlier packs' data (each "
             "source's share is listed above; `+lwf`: taught by the previous adapter from their captions); a "
