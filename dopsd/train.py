@@ -37,6 +37,9 @@ FRESH_ADAPTER = "adapter-fresh"
 """Under init_adapter_fused: the round's own LoRA, trained over the fused init_adapter (adapter/ holds their sum)."""
 ROUND_CONFIG = "config.json"
 """The round's config, beside its checkpoints: what a resume must match."""
+METRICS_LOG = "metrics.jsonl"
+"""The round's logged metrics, one JSON object per logged step ({"step", "loss", "grad_norm"}), kept beside the
+adapter so a round's curve can be read (and compared across seeds) after the process is gone."""
 RUN_CONTROL_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "gradient_checkpointing"})
 """Fields a resumed round may change: how long it runs and how it saves and logs, not what it learns."""
 
@@ -285,6 +288,22 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def keep_logged_until(output: Path, step: int) -> None:
+    """Drop the metrics logged after `step`: a resumed round trains those steps again and logs them anew. A line torn
+    by a crash mid-write goes too."""
+    log = output / METRICS_LOG
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    log.write_text("".join(kept))
+
+
 def load_checkpoint(accelerator: Accelerator, folder: Path, transformer, optimizer, generators: dict) -> int:
     for name in (adapters.STUDENT, adapters.TEACHER):
         adapters.load_adapter_state(transformer, name, load_file(str(folder / f"{name}.safetensors")))
@@ -389,6 +408,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / ROUND_CONFIG).write_text(config.to_json())
+        keep_logged_until(output, step)
 
     def backward(loss: torch.Tensor, sync: bool) -> None:
         # Gradients are all-reduced once per optimizer step, on its last backward.
@@ -456,11 +476,14 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}")
-        if on_metrics and accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
+        if accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
             metrics = {"loss": step_loss}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            on_metrics(step, metrics)
+            with (output / METRICS_LOG).open("a") as log:
+                log.write(json.dumps({"step": step, **metrics}) + "\n")
+            if on_metrics:
+                on_metrics(step, metrics)
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint(accelerator, output, step, transformer, optimizer, generators, config.keep_checkpoints)
     progress.close()

@@ -20,6 +20,7 @@ from dopsd.models import load_model
 from dopsd.preview import pipeline_images
 from dopsd.train import (
     FRESH_ADAPTER,
+    METRICS_LOG,
     SampleCache,
     TrainingDiverged,
     cache_path,
@@ -88,16 +89,27 @@ def test_resume_matches_an_uninterrupted_round(tmp_path, tiny_zimage_path, datas
     replay = (
         {"replay_data": str(write_replay(tmp_path / "replay")), "replay_ratio": replay_ratio} if replay_ratio else {}
     )
-    straight = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "a", steps=6, checkpoint_every=3, **replay))
+    run = {"checkpoint_every": 3, "log_every": 1, **replay}
+    straight = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "a", steps=6, **run))
     half = tmp_path / "b"
-    train(tiny_config(tiny_zimage_path, dataset, half, steps=3, checkpoint_every=3, **replay))
+    train(tiny_config(tiny_zimage_path, dataset, half, steps=3, **run))
     assert [p.name for p in checkpoint_dirs(half)] == ["step-000003"]
-    resumed = train(tiny_config(tiny_zimage_path, dataset, half, steps=6, checkpoint_every=3, **replay))
+    # A crash after step 4 was logged (and step 5 half) but before either was saved: the resume logs them anew.
+    with (half / METRICS_LOG).open("a") as log:
+        log.write(json.dumps({"step": 4, "loss": 123.0}) + '\n{"step": 5, "lo')
+    resumed = train(tiny_config(tiny_zimage_path, dataset, half, steps=6, **run))
     a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    logged = [
+        [json.loads(line) for line in (folder.parent / METRICS_LOG).read_text().splitlines()]
+        for folder in (straight, resumed)
+    ]
+    assert [row["step"] for row in logged[1]] == [1, 2, 3, 4, 5, 6]
+    for row_a, row_b in zip(*logged, strict=True):
+        assert row_a["loss"] > 0 and row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-4)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did learn something
     # Another recipe does not resume from these checkpoints: it would mix two runs under the second's name.
     with pytest.raises(ValueError, match=r"another config \(lr 0\.001 -> 0\.002\)"):
