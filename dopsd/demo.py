@@ -26,7 +26,7 @@ KEEP_THE_BASE: dict[str, str | float] = {
 }
 """How a demo round on a nano pack keeps what the base draws: the recommended continual chain's first round (dvc.yaml,
 stage nano_science), caption negatives, 0.375 of each batch, and base-world renders, 0.125, taught by the base from
-their captions, with their top sampling states held at half weight (the chain's later rounds too, at twice the steps: at
+their captions, with their top sampling states held at half weight (the chain's later rounds too, at 450 steps: at
 300 the anchor held back a new shape, reports/nano_continual_text_path_anchored_half_teal_first.md). On star / teal /
 striped, 3 seeds, 4 steps, it learns 0.338 / 0.333 / 0.312 and keeps retention 0.514 / 0.519 / 0.530 of the base's
 0.528, with FID-nano 64.5 / 44.7 / 44.0 (base 47.9; reports/nano_science_text_path_anchored_half.md), where negatives
