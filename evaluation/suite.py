@@ -5,7 +5,8 @@ Every (model, prompt, seed) is sampled once and the images serve every metric; e
 run (`Evaluators`). Metric names are `<prompt set>/<metric>`: `geneval/overall`, `geneval/<task>`, `clipscore`,
 `fid/reference` (against the set's real images), `fid/baseline` (against the baseline's samples of the same
 prompts and seeds) and `fidelity/<backbone>` (against the set's concept targets). A metric that cannot be
-computed is None in the report, with its reason in `unavailable`; it never becomes a number.
+computed is None in the report, with its reason in `unavailable`; it never becomes a number. Each GenEval delta has
+its interval over prompts (`intervals`), as a task of a hundred prompts moves by several points with another draw.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from evaluation.clip import ClipModel, clip_score
 from evaluation.fid import FrechetDistance
 from evaluation.fidelity import ImageEmbedder, target_similarity
 from evaluation.geneval.detection import Detection, Detector
+from evaluation.geneval.intervals import overall_difference
 from evaluation.geneval.rules import (
     ColourClassifier,
     GenevalScore,
@@ -108,6 +110,9 @@ class SuiteReport:
     """Prompt set -> PNG grid file (relative to the report's folder)."""
     verdicts: dict[str, str] = field(default_factory=dict)
     """`<set>/<model>` -> JSONL of per-image GenEval verdicts (`verdict_row`), relative to the report's folder."""
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Model -> `<set>/geneval/overall` -> [low, high]: the 95% interval of its delta over the set's prompts (paired
+    bootstrap, `overall_difference`): a delta whose interval holds 0 is within what another draw of prompts moves."""
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -286,6 +291,7 @@ def run_suite(
     metrics: dict[str, dict[str, float | None]] = {name: {} for name in adapters}
     unavailable: dict[str, str] = {}
     grids, verdict_files = {}, {}
+    intervals: dict[str, dict[str, list[float]]] = {name: {} for name in adapters}
     for prompt_set in prompt_sets:
         contexts = model.encode_student([r["prompt"] for r in prompt_set.records])
         target_features = (
@@ -318,6 +324,8 @@ def run_suite(
                 verdict_path.parent.mkdir(parents=True, exist_ok=True)
                 verdict_path.write_text("".join(json.dumps(row) + "\n" for row in scores[name].verdicts))
                 verdict_files[f"{prompt_set.name}/{name}"] = str(verdict_path.relative_to(out))
+                found = overall_difference(scores[config.baseline].verdicts, [scores[name].verdicts])
+                intervals[name][f"{prompt_set.name}/geneval/overall"] = [found.low, found.high]
         unavailable.update({f"{prompt_set.name}/{k}": v for k, v in missing.items()})
         grid_path = out / "grids" / f"{prompt_set.name}.png"
         grid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +338,7 @@ def run_suite(
         name: {k: _difference(v, baseline.get(k)) for k, v in model_metrics.items()}
         for name, model_metrics in metrics.items()
     }
-    report = SuiteReport(config, dict(adapters), metrics, deltas, unavailable, grids, verdict_files)
+    report = SuiteReport(config, dict(adapters), metrics, deltas, unavailable, grids, verdict_files, intervals)
     report.write(out / "report.json")
     return report
 

@@ -70,6 +70,7 @@ def test_the_base_against_itself_has_zero_deltas_and_the_report_round_trips(
     assert "concept_rewrite/geneval/overall" not in metrics  # captions carry no GenEval metadata
     assert metrics == report.metrics["base"]
     assert all(delta == 0 for delta in report.deltas["again"].values() if delta is not None)
+    assert report.intervals["again"] == {f"{s}/geneval/overall": [0.0, 0.0] for s in ("retention", "concept_new")}
     assert abs(metrics["retention/fid/baseline"]) < 1e-3
     no_dino = "no fidelity/dino network configured"
     assert report.unavailable == {"concept_rewrite/fidelity/dino": no_dino, "concept_new/fidelity/dino": no_dino}
@@ -89,6 +90,8 @@ def test_a_candidate_adapter_moves_its_own_metrics_only(
     assert report.models["candidate"] == candidate_adapter
     assert report.metrics["candidate"]["retention/fid/baseline"] > 1e-3
     assert report.deltas["candidate"]["retention/clipscore"] != 0
+    low, high = report.intervals["candidate"]["retention/geneval/overall"]
+    assert low <= report.deltas["candidate"]["retention/geneval/overall"] <= high
     assert all(delta == 0 for delta in report.deltas["base"].values() if delta is not None)
 
 
@@ -118,6 +121,7 @@ def test_dopsd_eval_runs_the_suite_from_the_command_line(tiny_zimage_path, candi
     assert set(report.models) == {"base", "candidate"} and report.config.baseline == "base"
     assert report.metrics["candidate"]["retention/geneval/overall"] is not None
     assert "candidate:" in result.output
+    assert "candidate - base retention/geneval/overall: " in result.output and "95% over prompts" in result.output
 
 
 def test_prompt_and_image_files_fail_with_the_file_named(tmp_path):
