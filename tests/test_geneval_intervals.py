@@ -1,9 +1,14 @@
 """The paired bootstrap over prompts that says how far a GenEval difference between two models can be trusted."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from evaluation.geneval.intervals import overall_difference, prompt_differences
+from dopsd.nano.scenes import write_jsonl
+from evaluation.geneval.intervals import DifferenceInterval, family_differences, overall_difference, prompt_differences
 from evaluation.suite import rows_score
 
 
@@ -68,3 +73,32 @@ def test_unpaired_verdicts_are_refused_with_the_prompt_that_does_not_pair():
         overall_difference(base, [rows({"a": [True, False], "b": [True]}, tags)])
     with pytest.raises(ValueError, match="no candidate"):
         overall_difference(base, [])
+
+
+def test_family_differences_score_each_family_alone_and_read_without_a_negative_zero():
+    tags = {"a": "colors", "b": "position"}
+    base = rows({"a": [False, False], "b": [True, True]}, tags)
+    candidate = rows({"a": [True, True], "b": [True, True]}, tags)
+    found = family_differences(base, [candidate])
+    assert list(found) == ["overall", "colors", "position"]
+    assert (found["colors"].difference, found["position"].difference, found["overall"].difference) == (1.0, 0.0, 0.5)
+    assert str(found["position"]) == "+0.000 [+0.000, +0.000]"
+    assert str(DifferenceInterval(-0.0001, -0.25, 0.125, 0.95)) == "+0.000 [-0.250, +0.125]"
+
+
+def test_the_benchmark_pools_verdict_files_per_group_and_names_a_pattern_that_matches_nothing(tmp_path):
+    tags = {"a": "colors", "b": "position"}
+    write_jsonl(rows({"a": [False, False], "b": [True, True]}, tags), tmp_path / "base.jsonl")
+    for seed, verdicts in enumerate(([True, True], [True, False])):
+        write_jsonl(rows({"a": verdicts, "b": [True, True]}, tags), tmp_path / f"run-s{seed}.jsonl")
+    script = Path(__file__).parents[1] / "benchmarks" / "retention_intervals.py"
+    command = [sys.executable, str(script), f"--baseline={tmp_path / 'base.jsonl'}"]
+    shown = subprocess.run([*command, f"--group=two seeds={tmp_path}/run-s*.jsonl"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "| group | runs | overall | colors (1) | position (1) |" in shown.stdout
+    assert (
+        "| two seeds | 2 | +0.375 [+0.375, +0.375] | +0.750 [+0.750, +0.750] | +0.000 [+0.000, +0.000] |"
+        in shown.stdout
+    )
+    missing = subprocess.run([*command, f"--group=none={tmp_path}/nothing-*.jsonl"], capture_output=True, text=True)
+    assert missing.returncode != 0 and f"no verdict file matches {tmp_path}/nothing-*.jsonl" in missing.stderr

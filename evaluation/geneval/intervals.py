@@ -26,6 +26,11 @@ class DifferenceInterval:
     level: float
     """Share of the bootstrap draws between `low` and `high` (0.95: a 95% interval)."""
 
+    def __str__(self) -> str:
+        """`+0.012 [-0.031, +0.055]`; a value that rounds to zero reads +0.000, never -0.000."""
+        difference, low, high = (0.0 if round(v, 3) == 0 else v for v in (self.difference, self.low, self.high))
+        return f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]"
+
 
 def prompt_differences(baseline: Sequence[dict], candidates: Sequence[Sequence[dict]]) -> dict[str, dict[str, float]]:
     """Task -> prompt -> the candidates' accuracy on the prompt (mean over candidates and noise seeds) minus the
@@ -65,3 +70,13 @@ def overall_difference(
     low, high = np.quantile(resampled, [tail, 1 - tail])
     difference = float(np.mean([d.mean() for d in by_task]))
     return DifferenceInterval(difference, float(low), float(high), level)
+
+
+def family_differences(baseline: Sequence[dict], candidates: Sequence[Sequence[dict]]) -> dict[str, DifferenceInterval]:
+    """`overall` and each task family (sorted) -> `overall_difference` on the rows of that family alone."""
+    families = sorted({row["tag"] for row in baseline})
+    found = {}
+    for family in ["overall", *families]:
+        kept = [[row for row in rows if family in ("overall", row["tag"])] for rows in [baseline, *candidates]]
+        found[family] = overall_difference(kept[0], kept[1:])
+    return found
