@@ -64,6 +64,7 @@ from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
+from evaluation.geneval.intervals import DifferenceInterval, family_differences
 from evaluation.nano.premise import blank_share, concept_shown, teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
@@ -557,6 +558,15 @@ class Evaluation:
         found_here = {"drawn": found[f"drawn-{pack}"], "leak": found[f"leak-{pack}"], "blank": found["blank"]}
         return metrics | found_here | families
 
+    def retention_against_base(
+        self, name: str, report: SuiteReport, steps: int, models: list[str]
+    ) -> dict[str, DifferenceInterval]:
+        """`overall` and each task family -> the models' retention accuracy (their seeds pooled prompt by prompt)
+        minus the base's, with its 95% interval over the retention prompts."""
+        base = self.verdict_rows(name, report, steps, self.retention.name, BASE)
+        runs = [self.verdict_rows(name, report, steps, self.retention.name, model) for model in models]
+        return family_differences(base, runs)
+
 
 def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:
     """Whether the suite run's verdicts record the objects they found: older ones do not, and cannot give a leak, so
@@ -624,9 +634,10 @@ def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) ->
 
 def continual_study(
     config: ScienceConfig, evaluation: Evaluation, log
-) -> tuple[dict, dict[str, Path], dict[str, str | None]]:
-    """Packs as successive rounds, each from the previous adapter: arm -> after pack -> metric -> spread, the sample
-    grids, and every model evaluated (name -> adapter folder, None for the base)."""
+) -> tuple[dict, dict, dict[str, Path], dict[str, str | None]]:
+    """Packs as successive rounds, each from the previous adapter: arm -> after pack -> metric -> spread; arm ->
+    after pack -> retention against the base (`Evaluation.retention_against_base`); the sample grids; and every
+    model evaluated (name -> adapter folder, None for the base)."""
     packs, seeds = config.names("packs"), config.numbers("seeds")
     adapters: dict[str, str | None] = {BASE: None}
     for arm in config.names("continual_arms"):
@@ -669,7 +680,13 @@ def continual_study(
             after: {m: spread([metrics[f"{arm}-s{s}-after-{after}"][m] for s in seeds]) for m in tracked}
             for after in packs
         }
-    return results, grids, adapters
+    against: dict = {arm: {} for arm in config.names("continual_arms")}
+    for arm, after in itertools.product(against, packs):
+        found = evaluation.retention_against_base(
+            "continual", report, steps, [f"{arm}-s{s}-after-{after}" for s in seeds]
+        )
+        against[arm][after] = {family: dataclasses.asdict(interval) for family, interval in found.items()}
+    return results, against, grids, adapters
 
 
 def premise_under(config: ScienceConfig, evaluation: Evaluation, adapters: dict[str, str | None]):
@@ -923,6 +940,7 @@ def render_markdown(results: dict) -> str:
             for after in shown_rounds:
                 label = "-" if arm == BASE else after
                 lines.append(f"| {arm} | {label} | " + " | ".join(shown(rounds[after][m]) for m in tracked) + " |")
+        lines += against_base_table(results["continual_against_base"], results["prompts"]["retention_families"])
         lines += [
             "",
             f"![continual]({results['continual_plot']})",
@@ -933,6 +951,26 @@ def render_markdown(results: dict) -> str:
         lines += premise_table(results["continual_premise"], config["continual_premise"], deployed)
     lines.append("")
     return "\n".join(lines)
+
+
+def against_base_table(against: dict, families: dict[str, int]) -> list[str]:
+    """The continual models' retention minus the base's, overall and by task family, with 95% intervals."""
+    columns = ["overall", *families]
+    lines = [
+        "",
+        "Retention against the base: each model's seeds pooled prompt by prompt, minus the base's accuracy on the "
+        "same prompts and noise, with its 95% interval over the prompts (paired bootstrap within each task family, "
+        "`evaluation/geneval/intervals.py`; the number of prompts under each family). An interval that holds 0 is "
+        "within what another draw of prompts would move.",
+        "",
+        "| model | after round | overall | " + " | ".join(f"{f} ({n})" for f, n in families.items()) + " |",
+        "| --- | --- |" + " --- |" * len(columns),
+    ]
+    for arm, rounds in against.items():
+        for after, by_family in rounds.items():
+            cells = [str(DifferenceInterval(**by_family[c])) for c in columns]
+            lines.append(f"| {arm} | {after} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def premise_table(premise: dict, prompts: int, steps: int) -> list[str]:
@@ -991,6 +1029,9 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         "arms": [arm_recipe(a) for a in dict.fromkeys(config.names("arms") + config.names("continual_arms"))],
         "prompts": {
             "retention": len(evaluation.retention.records),
+            "retention_families": {
+                tag: sum(r["tag"] == tag for r in evaluation.retention.records) for tag in evaluation.retention_tags
+            },
             "concepts": {p: len(s.records) for p, s in evaluation.concepts.items()},
         },
         "packs": {},
@@ -1002,7 +1043,9 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         study["grids"] = keep_grids(study["grids"], plots, pack, out.parent)
         results["packs"][pack] = study
     if config.names("continual_arms"):
-        results["continual"], grids, adapters = continual_study(config, evaluation, log)
+        results["continual"], results["continual_against_base"], grids, adapters = continual_study(
+            config, evaluation, log
+        )
         if config.continual_premise > 0:
             results["continual_premise"] = continual_premise(config, evaluation, adapters)
             log("continual: teacher premise measured")

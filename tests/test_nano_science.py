@@ -150,6 +150,13 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     for after in ("star", "teal"):
         keys = ("drawn-star", "drawn-teal", "leak-star", "leak-teal", "blank")
         assert all(0 <= continual[after][key]["mean"] <= 1 for key in keys)
+        # Retention against the base pools the seeds: its difference is the seeds' mean minus the base's.
+        against = results["continual_against_base"]["dopsd"][after]
+        assert list(against) == ["overall", *sorted(results["prompts"]["retention_families"])]
+        retention = "retention/geneval/overall"
+        base_retention = results["continual"]["base"][after][retention]["mean"]
+        assert against["overall"]["difference"] == pytest.approx(continual[after][retention]["mean"] - base_retention)
+        assert all(found["low"] <= found["difference"] <= found["high"] for found in against.values())
     # +compose trains nothing of its own: after star it deploys the pack study's star round, after teal the sum of
     # the star and teal rounds (ranks stacked).
     composed = results["continual"]["dopsd+compose"]
@@ -186,6 +193,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert "| drawn-star | drawn-teal | retention | leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text
+    assert "Retention against the base: each model's seeds pooled" in text
     assert "Later rounds train at lr 0.0002 for the first round's steps" in text
     assert "dopsd+lwf lr 0.0005 on every attention and feed-forward layer" in text  # each arm's adapter, named
     assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text
