@@ -221,7 +221,8 @@ class ScienceConfig:
     caption_negative_words: NegativeWords = "swap"
     """What a caption negative puts where the pack's word was: `swap` the base attribute its counterfactuals swap to
     (`counterfactual_words`: star -> square, teal -> blue), `drop` nothing, the caption minus the word (a texture's
-    swap already drops it)."""
+    swap already drops it), `neutral` the base world's word for an unnamed shape (star -> object), a colour or
+    texture dropped."""
     continual_replay: float = 0.375
     """Share of each batch a `+replay` or `+lwf` continual round draws from the earlier packs' data, added to the
     replay ratio; pooled with the round's other replay folders (world renders, counterfactuals: `replay_shares`)."""
@@ -558,14 +559,12 @@ class Evaluation:
         found_here = {"drawn": found[f"drawn-{pack}"], "leak": found[f"leak-{pack}"], "blank": found["blank"]}
         return metrics | found_here | families
 
-    def retention_against_base(
-        self, name: str, report: SuiteReport, steps: int, models: list[str]
-    ) -> dict[str, DifferenceInterval]:
+    def retention_against_base(self, name: str, report: SuiteReport, steps: int, models: list[str]) -> dict[str, dict]:
         """`overall` and each task family -> the models' retention accuracy (their seeds pooled prompt by prompt)
-        minus the base's, with its 95% interval over the retention prompts."""
+        minus the base's, with its 95% interval over the retention prompts (a `DifferenceInterval` as a dict)."""
         base = self.verdict_rows(name, report, steps, self.retention.name, BASE)
         runs = [self.verdict_rows(name, report, steps, self.retention.name, model) for model in models]
-        return family_differences(base, runs)
+        return {family: dataclasses.asdict(found) for family, found in family_differences(base, runs).items()}
 
 
 def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:
@@ -624,6 +623,12 @@ def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) ->
         results["known_word"][steps] = spread([None if None in by_tag else float(np.mean(by_tag))])
         if steps == config.deployed_steps:
             results["grids"] = evaluation.grids(pack, report, steps)
+            results["against_base"] = {
+                arm: evaluation.retention_against_base(
+                    pack, report, steps, [f"{arm}-s{seed}" for seed in config.numbers("seeds")]
+                )
+                for arm in config.names("arms")
+            }
         for arm in [BASE, *config.names("arms")]:
             models = [BASE] if arm == BASE else [f"{arm}-s{seed}" for seed in config.numbers("seeds")]
             per_seed = [evaluation.pack_metrics(pack, report, steps, m) for m in models]
@@ -682,10 +687,8 @@ def continual_study(
         }
     against: dict = {arm: {} for arm in config.names("continual_arms")}
     for arm, after in itertools.product(against, packs):
-        found = evaluation.retention_against_base(
-            "continual", report, steps, [f"{arm}-s{s}-after-{after}" for s in seeds]
-        )
-        against[arm][after] = {family: dataclasses.asdict(interval) for family, interval in found.items()}
+        models = [f"{arm}-s{s}-after-{after}" for s in seeds]
+        against[arm][after] = evaluation.retention_against_base("continual", report, steps, models)
     return results, against, grids, adapters
 
 
@@ -848,7 +851,9 @@ def render_markdown(results: dict) -> str:
         f"{config['seeds']} (± is their standard deviation); replay ratio {config['replay_ratio']}, "
         f"counterfactual ratio {config['counterfactual_ratio']}, caption negative ratio "
         f"{config['caption_negative_ratio']}"
-        + (" (the word dropped)" if config["caption_negative_words"] == "drop" else "")
+        + {"drop": " (the word dropped)", "neutral": " (the word made neutral)"}.get(
+            config["caption_negative_words"], ""
+        )
         + ". Evaluation: "
         f"{config['eval_images']} image(s) per prompt, each from its own noise, the same for every model; retention on "
         f"{results['prompts']['retention']} held-out base prompts, concept accuracy on each pack's held-out prompts "
@@ -890,6 +895,9 @@ def render_markdown(results: dict) -> str:
             lines.append(
                 f"| {pack} | {arm} | " + " | ".join(shown(study["metrics"][f][arm][deployed]) for f in families) + " |"
             )
+    against = {pack: study["against_base"] for pack, study in results["packs"].items() if study["against_base"]}
+    if against:
+        lines += against_base_table(against, ("pack", "model"), results["prompts"]["retention_families"])
     for pack, study in results["packs"].items():
         steps = list(study["metrics"]["concept"][BASE])
         lines += [
@@ -940,7 +948,9 @@ def render_markdown(results: dict) -> str:
             for after in shown_rounds:
                 label = "-" if arm == BASE else after
                 lines.append(f"| {arm} | {label} | " + " | ".join(shown(rounds[after][m]) for m in tracked) + " |")
-        lines += against_base_table(results["continual_against_base"], results["prompts"]["retention_families"])
+        lines += against_base_table(
+            results["continual_against_base"], ("model", "after round"), results["prompts"]["retention_families"]
+        )
         lines += [
             "",
             f"![continual]({results['continual_plot']})",
@@ -953,8 +963,9 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def against_base_table(against: dict, families: dict[str, int]) -> list[str]:
-    """The continual models' retention minus the base's, overall and by task family, with 95% intervals."""
+def against_base_table(against: dict, labels: tuple[str, str], families: dict[str, int]) -> list[str]:
+    """Retention minus the base's, overall and by task family, with 95% intervals: one row per entry of the two-level
+    `against` (pack -> arm, or arm -> after round), its two keys under `labels`."""
     columns = ["overall", *families]
     lines = [
         "",
@@ -963,13 +974,13 @@ def against_base_table(against: dict, families: dict[str, int]) -> list[str]:
         "`evaluation/geneval/intervals.py`; the number of prompts under each family). An interval that holds 0 is "
         "within what another draw of prompts would move.",
         "",
-        "| model | after round | overall | " + " | ".join(f"{f} ({n})" for f, n in families.items()) + " |",
+        f"| {' | '.join(labels)} | overall | " + " | ".join(f"{f} ({n})" for f, n in families.items()) + " |",
         "| --- | --- |" + " --- |" * len(columns),
     ]
-    for arm, rounds in against.items():
-        for after, by_family in rounds.items():
+    for first, rows in against.items():
+        for second, by_family in rows.items():
             cells = [str(DifferenceInterval(**by_family[c])) for c in columns]
-            lines.append(f"| {arm} | {after} | " + " | ".join(cells) + " |")
+            lines.append(f"| {first} | {second} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -194,6 +194,12 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text
     assert "## Continual run" in text and "| dopsd | teal |" in text
     assert "Retention against the base: each model's seeds pooled" in text
+    assert "| pack | model | overall |" in text and "| model | after round | overall |" in text
+    star_against = results["packs"]["star"]["against_base"]["dopsd"]["overall"]
+    star_retention = results["packs"]["star"]["metrics"]["retention"]
+    assert star_against["difference"] == pytest.approx(
+        star_retention["dopsd"]["4"]["mean"] - star_retention["base"]["4"]["mean"]
+    )
     assert "Later rounds train at lr 0.0002 for the first round's steps" in text
     assert "dopsd+lwf lr 0.0005 on every attention and feed-forward layer" in text  # each arm's adapter, named
     assert "### The teacher through the continual run" in text and "| teacher: star | teacher: teal |" in text

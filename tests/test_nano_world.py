@@ -146,6 +146,9 @@ def test_caption_negatives_swap_or_drop_each_word_a_counterfactual_swaps():
     assert caption_negatives(star) == "star=,stars="
     assert (caption_negatives(teal, "swap"), caption_negatives(teal)) == ("teal=blue", "teal=")
     assert caption_negatives(striped, "swap") == caption_negatives(striped) == "striped="
+    # Neutral: what the base world's captions call a shape they have no word for; an attribute is left out.
+    assert caption_negatives(star, "neutral") == "star=object,stars=objects"
+    assert (caption_negatives(teal, "neutral"), caption_negatives(striped, "neutral")) == ("teal=", "striped=")
 
 
 def test_world_replay_replaces_a_render_cut_short_and_reuses_a_complete_one(tmp_path):
