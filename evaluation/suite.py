@@ -324,7 +324,7 @@ def run_suite(
                 verdict_path.parent.mkdir(parents=True, exist_ok=True)
                 verdict_path.write_text("".join(json.dumps(row) + "\n" for row in scores[name].verdicts))
                 verdict_files[f"{prompt_set.name}/{name}"] = str(verdict_path.relative_to(out))
-                found = overall_difference(scores[config.baseline].verdicts, [scores[name].verdicts])
+                found = overall_difference([scores[config.baseline].verdicts], [scores[name].verdicts])
                 intervals[name][f"{prompt_set.name}/geneval/overall"] = [found.low, found.high]
         unavailable.update({f"{prompt_set.name}/{k}": v for k, v in missing.items()})
         grid_path = out / "grids" / f"{prompt_set.name}.png"

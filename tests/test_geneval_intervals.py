@@ -30,56 +30,61 @@ def random_rows(prompts: int, accuracy: float, seed: int) -> list[dict]:
 
 def test_a_model_against_itself_differs_by_zero_at_every_draw():
     base = random_rows(40, 0.5, seed=0)
-    same = overall_difference(base, [base])
+    same = overall_difference([base], [base])
     assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)
 
 
 def test_the_difference_is_the_geneval_difference_and_lies_inside_its_interval():
     base, candidate = random_rows(40, 0.5, seed=0), random_rows(40, 0.7, seed=1)
-    found = overall_difference(base, [candidate])
+    found = overall_difference([base], [candidate])
     expected = rows_score(candidate).overall - rows_score(base).overall
     assert found.difference == pytest.approx(expected)
     assert found.low < found.difference < found.high and found.level == 0.95
-    assert overall_difference(base, [candidate]) == found  # seeded: the same report twice
+    assert overall_difference([base], [candidate]) == found  # seeded: the same report twice
 
 
 def test_fewer_prompts_give_a_wider_interval_and_a_clear_gain_excludes_zero():
     def width(prompts: int) -> float:
-        found = overall_difference(random_rows(prompts, 0.5, seed=0), [random_rows(prompts, 0.5, seed=1)])
+        found = overall_difference([random_rows(prompts, 0.5, seed=0)], [random_rows(prompts, 0.5, seed=1)])
         assert found.low < 0 < found.high  # two draws of one accuracy: no difference to find
         return found.high - found.low
 
     assert width(20) > 2 * width(400)
     tags = {f"p{i}": "colors" for i in range(20)}
     worse, better = rows({p: [False, True] for p in tags}, tags), rows({p: [True, True] for p in tags}, tags)
-    assert overall_difference(worse, [better]).low == pytest.approx(0.5)
+    assert overall_difference([worse], [better]).low == pytest.approx(0.5)
 
 
-def test_candidates_are_pooled_prompt_by_prompt():
+def test_runs_are_pooled_prompt_by_prompt_on_either_side():
     tags = {"a": "colors", "b": "colors"}
     base = rows({"a": [False, False], "b": [False, False]}, tags)
     seed0, seed1 = (
         rows({"a": [True, True], "b": [False, False]}, tags),
         rows({"a": [True, False], "b": [True, True]}, tags),
     )
-    assert prompt_differences(base, [seed0, seed1]) == {"colors": {"a": 0.75, "b": 0.5}}
-    assert overall_difference(base, [seed0, seed1]).difference == pytest.approx(0.625)
+    assert prompt_differences([base], [seed0, seed1]) == {"colors": {"a": 0.75, "b": 0.5}}
+    assert overall_difference([base], [seed0, seed1]).difference == pytest.approx(0.625)
+    # One recipe's seeds against another's: the difference of the two pooled means.
+    assert prompt_differences([seed0, seed1], [base]) == {"colors": {"a": -0.75, "b": -0.5}}
+    assert prompt_differences([seed0, base], [seed1]) == {"colors": {"a": 0.0, "b": 1.0}}
 
 
 def test_unpaired_verdicts_are_refused_with_the_prompt_that_does_not_pair():
     tags = {"a": "colors", "b": "colors"}
     base = rows({"a": [True, False], "b": [True, False]}, tags)
     with pytest.raises(ValueError, match="candidate 0 did not score.*'b', 1"):
-        overall_difference(base, [rows({"a": [True, False], "b": [True]}, tags)])
-    with pytest.raises(ValueError, match="no candidate"):
-        overall_difference(base, [])
+        overall_difference([base], [rows({"a": [True, False], "b": [True]}, tags)])
+    with pytest.raises(ValueError, match="baseline 1 did not score"):
+        overall_difference([base, rows({"a": [True, False]}, tags)], [base])
+    with pytest.raises(ValueError, match="needs baseline and candidate verdicts"):
+        overall_difference([base], [])
 
 
 def test_family_differences_score_each_family_alone_and_read_without_a_negative_zero():
     tags = {"a": "colors", "b": "position"}
     base = rows({"a": [False, False], "b": [True, True]}, tags)
     candidate = rows({"a": [True, True], "b": [True, True]}, tags)
-    found = family_differences(base, [candidate])
+    found = family_differences([base], [candidate])
     assert list(found) == ["overall", "colors", "position"]
     assert (found["colors"].difference, found["position"].difference, found["overall"].difference) == (1.0, 0.0, 0.5)
     assert str(found["position"]) == "+0.000 [+0.000, +0.000]"
@@ -91,7 +96,7 @@ def test_the_benchmark_pools_verdict_files_per_group_and_names_a_pattern_that_ma
     write_jsonl(rows({"a": [False, False], "b": [True, True]}, tags), tmp_path / "base.jsonl")
     for seed, verdicts in enumerate(([True, True], [True, False])):
         write_jsonl(rows({"a": verdicts, "b": [True, True]}, tags), tmp_path / f"run-s{seed}.jsonl")
-    script = Path(__file__).parents[1] / "benchmarks" / "retention_intervals.py"
+    script = Path(__file__).parents[1] / "benchmarks" / "geneval_intervals.py"
     command = [sys.executable, str(script), f"--baseline={tmp_path / 'base.jsonl'}"]
     shown = subprocess.run([*command, f"--group=two seeds={tmp_path}/run-s*.jsonl"], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr

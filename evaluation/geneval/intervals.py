@@ -32,37 +32,47 @@ class DifferenceInterval:
         return f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def prompt_differences(baseline: Sequence[dict], candidates: Sequence[Sequence[dict]]) -> dict[str, dict[str, float]]:
-    """Task -> prompt -> the candidates' accuracy on the prompt (mean over candidates and noise seeds) minus the
-    baseline's. Rows are the suite's verdict rows (`prompt`, `seed`, `tag`, `correct`); every candidate must have
-    scored exactly the baseline's (prompt, seed) pairs, or the difference would mix prompts."""
-    if not candidates:
-        raise ValueError("no candidate verdicts to compare with the baseline's")
-    pairs = {(row["prompt"], row["seed"]): row for row in baseline}
-    scored = [{(row["prompt"], row["seed"]): row["correct"] for row in rows} for rows in candidates]
-    for i, (rows, correct) in enumerate(zip(candidates, scored, strict=True)):
-        if correct.keys() != pairs.keys() or len(rows) != len(pairs):
-            unpaired = sorted(correct.keys() ^ pairs.keys())[:3]
-            raise ValueError(f"candidate {i} did not score the baseline's prompts and seeds once each: e.g. {unpaired}")
+def prompt_differences(
+    baselines: Sequence[Sequence[dict]], candidates: Sequence[Sequence[dict]]
+) -> dict[str, dict[str, float]]:
+    """Task -> prompt -> the candidates' accuracy on the prompt minus the baselines', each side the mean over its runs
+    (e.g. one adapter per training seed) and noise seeds. Rows are the suite's verdict rows (`prompt`, `seed`, `tag`,
+    `correct`); every run must have scored exactly the first baseline's (prompt, seed) pairs, once each, or the
+    difference would mix prompts."""
+    if not baselines or not candidates:
+        raise ValueError("a difference needs baseline and candidate verdicts, got none of one")
+    pairs = {(row["prompt"], row["seed"]): row["tag"] for row in baselines[0]}
+    scored = []
+    for side, runs in (("baseline", baselines), ("candidate", candidates)):
+        for i, rows in enumerate(runs):
+            correct = {(row["prompt"], row["seed"]): row["correct"] for row in rows}
+            if correct.keys() != pairs.keys() or len(rows) != len(pairs):
+                unpaired = sorted(correct.keys() ^ pairs.keys())[:3]
+                raise ValueError(
+                    f"{side} {i} did not score the first baseline's prompts and seeds once each: e.g. {unpaired}"
+                )
+            scored.append((side, correct))
     deltas: dict[str, dict[str, list[float]]] = {}
-    for key, row in pairs.items():
-        delta = float(np.mean([correct[key] for correct in scored])) - row["correct"]
-        deltas.setdefault(row["tag"], {}).setdefault(row["prompt"], []).append(delta)
+    for key, tag in pairs.items():
+        mean = {
+            side: np.mean([correct[key] for s, correct in scored if s == side]) for side in ("baseline", "candidate")
+        }
+        deltas.setdefault(tag, {}).setdefault(key[0], []).append(float(mean["candidate"] - mean["baseline"]))
     return {tag: {prompt: float(np.mean(d)) for prompt, d in prompts.items()} for tag, prompts in deltas.items()}
 
 
 def overall_difference(
-    baseline: Sequence[dict],
+    baselines: Sequence[Sequence[dict]],
     candidates: Sequence[Sequence[dict]],
     level: float = 0.95,
     draws: int = 2000,
     seed: int = 0,
 ) -> DifferenceInterval:
-    """The candidates' GenEval overall minus the baseline's, with a percentile interval from `draws` resamplings of
-    the prompts within each task. Several candidates (e.g. one adapter per training seed) are pooled prompt by
+    """The candidates' GenEval overall minus the baselines', with a percentile interval from `draws` resamplings of
+    the prompts within each task. Several runs on a side (e.g. one adapter per training seed) are pooled prompt by
     prompt: the interval is over prompts only, not over training seeds (their spread is reported on its own)."""
     by_task = [
-        np.array(list(prompts.values())) for _, prompts in sorted(prompt_differences(baseline, candidates).items())
+        np.array(list(prompts.values())) for _, prompts in sorted(prompt_differences(baselines, candidates).items())
     ]
     rng = np.random.default_rng(seed)
     resampled = np.mean([d[rng.integers(0, len(d), size=(draws, len(d)))].mean(axis=1) for d in by_task], axis=0)
@@ -72,11 +82,13 @@ def overall_difference(
     return DifferenceInterval(difference, float(low), float(high), level)
 
 
-def family_differences(baseline: Sequence[dict], candidates: Sequence[Sequence[dict]]) -> dict[str, DifferenceInterval]:
+def family_differences(
+    baselines: Sequence[Sequence[dict]], candidates: Sequence[Sequence[dict]]
+) -> dict[str, DifferenceInterval]:
     """`overall` and each task family (sorted) -> `overall_difference` on the rows of that family alone."""
-    families = sorted({row["tag"] for row in baseline})
+    families = sorted({row["tag"] for row in baselines[0]}) if baselines else []
     found = {}
     for family in ["overall", *families]:
-        kept = [[row for row in rows if family in ("overall", row["tag"])] for rows in [baseline, *candidates]]
-        found[family] = overall_difference(kept[0], kept[1:])
+        kept = [[row for row in rows if family in ("overall", row["tag"])] for rows in [*baselines, *candidates]]
+        found[family] = overall_difference(kept[: len(baselines)], kept[len(baselines) :])
     return found
