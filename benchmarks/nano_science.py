@@ -57,7 +57,7 @@ from dopsd.config import TrainConfig, comma_separated, make_config, parse_datacl
 from dopsd.data import image_files
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import default_device, machine_description, write_world_replay
+from dopsd.nano.bootstrap import default_device, machine_description, task_probabilities, write_world_replay
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACK_BY_NAME, NegativeWords, caption_negatives, write_counterfactuals
 from dopsd.nano.scenes import iterate_items, read_jsonl
@@ -194,6 +194,10 @@ class ScienceConfig:
     """Share of each training batch replaying base-world renders (0: no replay)."""
     replay_images: int = 64
     """Base-world renders written for replay (with training phrasing, never the held-out prompts)."""
+    replay_task_weights: str = ""
+    """Comma-separated relative weights of the GenEval task families (`dopsd.nano.scenes.TASKS` order) in the replay
+    renders' GenEval-family half, e.g. `0,1,0,0,1,0` for two objects and position only ("": equal, the default
+    renders). Two objects and position only kept no more of two objects than equal weights (reports/README.md)."""
     eval_steps: str = "1,2,4,8"
     """Comma-separated sampling step counts every model is evaluated at."""
     eval_images: int = 2
@@ -258,6 +262,10 @@ class ScienceConfig:
     def numbers(self, field: str) -> list[int]:
         return [int(v) for v in self.names(field)]
 
+    def replay_weights(self) -> tuple[float, ...] | None:
+        """`replay_task_weights` as numbers (None: equal)."""
+        return tuple(float(v) for v in self.names("replay_task_weights")) or None
+
 
 def check(config: ScienceConfig) -> dict:
     """Every input problem, named before hours of training start; returns the base record the work folder
@@ -290,6 +298,12 @@ def check(config: ScienceConfig) -> dict:
             f"{', '.join(names[:-1])} and {names[-1]} must be >= 0 and sum to less than 1, got "
             + " + ".join(map(str, shares.values()))
         )
+    try:
+        weights = config.replay_weights()
+        if weights is not None:
+            task_probabilities(weights)
+    except ValueError as error:
+        problems.append(f"replay_task_weights: {error}")
     if config.continual_lr < 0:
         problems.append(f"continual_lr must be >= 0 (0: the arm's), got {config.continual_lr}")
     if config.continual_anchor_layout < 0 and config.continual_anchor_layout != ARMS_ANCHOR:
@@ -345,7 +359,11 @@ def arm_recipe(arm: str) -> str:
 def replay_folder(config: ScienceConfig) -> str:
     if config.replay_ratio <= 0:
         return ""
-    return str(write_world_replay(Path(config.workdir) / "replay", config.replay_images))
+    weights = config.replay_weights()
+    if weights is None:
+        return str(write_world_replay(Path(config.workdir) / "replay", config.replay_images))
+    folder = Path(config.workdir) / f"replay-tasks-{'-'.join(f'{w:g}' for w in weights)}"
+    return str(write_world_replay(folder, config.replay_images, weights))
 
 
 def counterfactual_folder(config: ScienceConfig, pack: str) -> str:
@@ -564,7 +582,7 @@ class Evaluation:
         minus the base's, with its 95% interval over the retention prompts (a `DifferenceInterval` as a dict)."""
         base = self.verdict_rows(name, report, steps, self.retention.name, BASE)
         runs = [self.verdict_rows(name, report, steps, self.retention.name, model) for model in models]
-        return {family: dataclasses.asdict(found) for family, found in family_differences(base, runs).items()}
+        return {family: dataclasses.asdict(found) for family, found in family_differences([base], runs).items()}
 
 
 def verdicts_record_objects(folder: Path, report: SuiteReport) -> bool:

@@ -254,6 +254,30 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
     assert f"or sampled with other noise than {NOISE_SCHEME}" in refusal(*options)
 
 
+def test_replay_task_weights_draw_the_replay_renders_from_the_families_named(tmp_path, tiny_world):
+    """`--replay-task-weights` writes its own replay folder, whose GenEval-family half holds only the families
+    weighted (two objects and position here: every such caption names two objects); bad weights are refused."""
+    options = [f"--world={tiny_world}", f"--workdir={tmp_path}", "--replay-ratio=0.125"]
+    default = Path(nano_science.replay_folder(nano_science.parse_args(options)))
+    weighted = Path(
+        nano_science.replay_folder(nano_science.parse_args([*options, "--replay-task-weights=0,1,0,0,1,0"]))
+    )
+    assert (default.name, weighted.name) == ("replay", "replay-tasks-0-1-0-0-1-0")
+
+    def single_objects(folder: Path) -> int:
+        captions = [p.read_text() for p in folder.glob("*.txt")]
+        return sum(
+            " and " not in c and not any(r in c for r in (" left of ", " right of ", " above ", " below "))
+            for c in captions
+        )
+
+    assert single_objects(weighted) < single_objects(default) / 2
+    assert "replay_task_weights: task weights must be 6 non-negative numbers" in refusal(
+        *options, "--replay-task-weights=1,2"
+    )
+    assert "replay_task_weights: could not convert string to float: 'x'" in refusal(*options, "--replay-task-weights=x")
+
+
 def test_an_lwf_arm_replays_counterfactuals_alone_taught_from_their_captions(tmp_path, tiny_world):
     """Without a renderer a user has the captions: a `+lwf` arm with --replay-ratio 0 replays only the pack's
     counterfactuals, taught by the round's starting weights from the swapped captions."""

@@ -270,16 +270,16 @@ class WorldStream:
         return render(relayout(scene, self.rng))
 
 
-def write_world_replay(folder: str | Path, images: int = 64) -> Path:
+def write_world_replay(folder: str | Path, images: int = 64, task_weights: tuple[float, ...] | None = None) -> Path:
     """Base-world renders with training captions (never the held-out prompts) as a landing folder: what a round
-    replays to keep what the base draws. Always the same renders (one seed), so rounds that replay them agree.
-    Written into a temporary sibling and renamed when complete: an existing folder is reused as is, so a render
-    cut short must never be left under the final name."""
+    replays to keep what the base draws. Always the same renders (one seed), so rounds that replay them agree;
+    `task_weights` as `WorldStream`'s (its GenEval-family half). Written into a temporary sibling and renamed when
+    complete: an existing folder is reused as is, so a render cut short must never be left under the final name."""
     folder = Path(folder)
     if not folder.is_dir():
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        write_landing_folder(partial, WorldStream(seed=777).batch(images), "world")
+        write_landing_folder(partial, WorldStream(seed=777, task_weights=task_weights).batch(images), "world")
         partial.rename(folder)
     return folder
 
