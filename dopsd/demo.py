@@ -18,6 +18,7 @@ from pathlib import Path
 from dopsd.config import make_config
 from dopsd.train import train
 
+RETENTION = "retention/geneval/overall"
 KEEP_THE_BASE: dict[str, str | float] = {
     "negative_ratio": 0.375,
     "replay_ratio": 0.125,
@@ -96,7 +97,7 @@ def run_nano_demo(
         workdir / "eval",
     )
     for name, values in report.metrics.items():
-        concept, retention = values["concept/geneval/overall"], values["retention/geneval/overall"]
+        concept, retention = values["concept/geneval/overall"], values[RETENTION]
         rows = read_jsonl(workdir / "eval" / report.verdicts[f"retention/{name}"])
         leak = concept_shown(nano_pack, rows) if nano_pack is not None else None
         drawn = f"{leak:.3f} of the base prompts' samples" if leak is not None else "not measured (no nano concept)"
@@ -104,5 +105,10 @@ def run_nano_demo(
             f"{name} at {suite.steps} steps: {pack} accuracy {concept:.3f}, retention {retention:.3f} (GenEval-nano); "
             f"{pack} drawn on {drawn}"
         )
+    delta, (low, high) = report.deltas["dopsd"][RETENTION], report.intervals["dopsd"][RETENTION]
+    yield (
+        f"dopsd - base retention {delta:+.3f}, 95% over the {len(prompt_sets[0].records)} prompts [{low:+.3f}, "
+        f"{high:+.3f}] (an interval that holds 0 is within what another draw of prompts would move)"
+    )
     for prompt_set, grid in report.grids.items():
         yield f"samples, base | dopsd: {workdir / 'eval' / grid} ({prompt_set})"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,10 @@ def test_demo_teaches_the_nano_base_a_pack_and_scores_it(tmp_path, tiny_nano_boo
         line = next(line for line in shown.splitlines() if line.startswith(f"{name} at 4 steps: teal accuracy "))
         drawn = float(line.split("teal drawn on ")[1].split()[0])
         assert 0 <= drawn <= 1 and line.endswith("of the base prompts' samples")
+    # The retention difference with its interval over the demo's prompts (up to 3 of each of the six task families).
+    against = next(line for line in shown.splitlines() if line.startswith("dopsd - base retention "))
+    delta, low, high = (float(v) for v in re.findall(r"[+-]\d\.\d{3}", against))
+    assert re.search(r"95% over the \d+ prompts", against) and low <= delta <= high
     assert (tmp_path / "round" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     trained = json.loads((tmp_path / "round" / "config.json").read_text())
     assert (trained["lr"], trained["teacher"], trained["ema_decay"]) == (2e-4, "base", make_config("nano").ema_decay)
