@@ -193,7 +193,9 @@ def evaluate(
         shown = {k: round(v, 4) if v is not None else None for k, v in values.items()}
         typer.echo(f"{name}: {json.dumps(shown)}")
     for name, intervals in report.intervals.items():
-        for metric, (low, high) in intervals.items() if name != config.baseline else ():
+        if name == config.baseline:
+            continue
+        for metric, (low, high) in intervals.items():
             delta = report.deltas[name][metric]
             typer.echo(
                 f"{name} - {config.baseline} {metric}: {delta:+.4f} (95% over prompts {low:+.4f} .. {high:+.4f})"

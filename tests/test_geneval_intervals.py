@@ -69,10 +69,16 @@ def test_runs_are_pooled_prompt_by_prompt_on_either_side():
     assert prompt_differences([seed0, base], [seed1]) == {"colors": {"a": 0.0, "b": 1.0}}
 
 
+def test_a_prompt_asked_twice_pairs_in_order_and_counts_as_one_prompt():
+    base = [{"prompt": "a", "seed": 0, "tag": "colors", "correct": ok} for ok in (False, True)]
+    candidate = [{"prompt": "a", "seed": 0, "tag": "colors", "correct": ok} for ok in (True, True)]
+    assert prompt_differences([base], [candidate]) == {"colors": {"a": 0.5}}
+
+
 def test_unpaired_verdicts_are_refused_with_the_prompt_that_does_not_pair():
     tags = {"a": "colors", "b": "colors"}
     base = rows({"a": [True, False], "b": [True, False]}, tags)
-    with pytest.raises(ValueError, match="candidate 0 did not score.*'b', 1"):
+    with pytest.raises(ValueError, match="candidate 0 did not score.*'b', 1, 0"):
         overall_difference([base], [rows({"a": [True, False], "b": [True]}, tags)])
     with pytest.raises(ValueError, match="baseline 1 did not score"):
         overall_difference([base, rows({"a": [True, False]}, tags)], [base])

@@ -32,24 +32,36 @@ class DifferenceInterval:
         return f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
+def keyed(rows: Sequence[dict]) -> dict[tuple[str, int, int], dict]:
+    """Verdict rows by (prompt, noise seed, occurrence): a prompt set may ask one prompt twice, and each model
+    answers its records in the same order, so the n-th time of a (prompt, seed) pairs with the n-th."""
+    seen: dict[tuple[str, int], int] = {}
+    by_key = {}
+    for row in rows:
+        asked = (row["prompt"], row["seed"])
+        seen[asked] = seen.get(asked, -1) + 1
+        by_key[(*asked, seen[asked])] = row
+    return by_key
+
+
 def prompt_differences(
     baselines: Sequence[Sequence[dict]], candidates: Sequence[Sequence[dict]]
 ) -> dict[str, dict[str, float]]:
     """Task -> prompt -> the candidates' accuracy on the prompt minus the baselines', each side the mean over its runs
     (e.g. one adapter per training seed) and noise seeds. Rows are the suite's verdict rows (`prompt`, `seed`, `tag`,
-    `correct`); every run must have scored exactly the first baseline's (prompt, seed) pairs, once each, or the
+    `correct`); every run must have scored exactly the first baseline's (prompt, seed) pairs, as often each, or the
     difference would mix prompts."""
     if not baselines or not candidates:
         raise ValueError("a difference needs baseline and candidate verdicts, got none of one")
-    pairs = {(row["prompt"], row["seed"]): row["tag"] for row in baselines[0]}
+    pairs = {key: row["tag"] for key, row in keyed(baselines[0]).items()}
     scored = []
     for side, runs in (("baseline", baselines), ("candidate", candidates)):
         for i, rows in enumerate(runs):
-            correct = {(row["prompt"], row["seed"]): row["correct"] for row in rows}
-            if correct.keys() != pairs.keys() or len(rows) != len(pairs):
+            correct = {key: row["correct"] for key, row in keyed(rows).items()}
+            if correct.keys() != pairs.keys():
                 unpaired = sorted(correct.keys() ^ pairs.keys())[:3]
                 raise ValueError(
-                    f"{side} {i} did not score the first baseline's prompts and seeds once each: e.g. {unpaired}"
+                    f"{side} {i} did not score the first baseline's prompts and seeds as often each: e.g. {unpaired}"
                 )
             scored.append((side, correct))
     deltas: dict[str, dict[str, list[float]]] = {}
