@@ -640,18 +640,14 @@ def pack_study(config: ScienceConfig, evaluation: Evaluation, pack: str, log) ->
         by_tag = [report.metrics[BASE].get(f"{evaluation.retention.name}/geneval/{tag}") for tag in tags]
         results["known_word"][steps] = spread([None if None in by_tag else float(np.mean(by_tag))])
         if steps == config.deployed_steps:
-            results["grids"] = evaluation.grids(pack, report, steps)
-            results["against_base"] = {
-                arm: evaluation.retention_against_base(
-                    pack, report, steps, [f"{arm}-s{seed}" for seed in config.numbers("seeds")]
-                )
-                for arm in config.names("arms")
-            }
+            results["grids"], results["against_base"] = evaluation.grids(pack, report, steps), {}
         for arm in [BASE, *config.names("arms")]:
             models = [BASE] if arm == BASE else [f"{arm}-s{seed}" for seed in config.numbers("seeds")]
             per_seed = [evaluation.pack_metrics(pack, report, steps, m) for m in models]
             for key in per_seed[0]:
                 results["metrics"].setdefault(key, {}).setdefault(arm, {})[steps] = spread([v[key] for v in per_seed])
+            if steps == config.deployed_steps and arm != BASE:
+                results["against_base"][arm] = evaluation.retention_against_base(pack, report, steps, models)
     return results
 
 

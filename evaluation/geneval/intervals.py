@@ -54,7 +54,7 @@ def prompt_differences(
     if not baselines or not candidates:
         raise ValueError("a difference needs baseline and candidate verdicts, got none of one")
     pairs = {key: row["tag"] for key, row in keyed(baselines[0]).items()}
-    scored = []
+    scored: dict[str, list[dict]] = {"baseline": [], "candidate": []}
     for side, runs in (("baseline", baselines), ("candidate", candidates)):
         for i, rows in enumerate(runs):
             correct = {key: row["correct"] for key, row in keyed(rows).items()}
@@ -63,14 +63,29 @@ def prompt_differences(
                 raise ValueError(
                     f"{side} {i} did not score the first baseline's prompts and seeds as often each: e.g. {unpaired}"
                 )
-            scored.append((side, correct))
+            scored[side].append(correct)
     deltas: dict[str, dict[str, list[float]]] = {}
     for key, tag in pairs.items():
-        mean = {
-            side: np.mean([correct[key] for s, correct in scored if s == side]) for side in ("baseline", "candidate")
-        }
+        mean = {side: np.mean([correct[key] for correct in runs]) for side, runs in scored.items()}
         deltas.setdefault(tag, {}).setdefault(key[0], []).append(float(mean["candidate"] - mean["baseline"]))
     return {tag: {prompt: float(np.mean(d)) for prompt, d in prompts.items()} for tag, prompts in deltas.items()}
+
+
+def resampled_interval(by_task: list[np.ndarray], level: float, draws: int, seed: int) -> DifferenceInterval:
+    """The mean over tasks of each task's mean prompt difference, with a percentile interval from `draws`
+    resamplings of the prompts within each task."""
+    rng = np.random.default_rng(seed)
+    resampled = np.mean([d[rng.integers(0, len(d), size=(draws, len(d)))].mean(axis=1) for d in by_task], axis=0)
+    tail = (1 - level) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    difference = float(np.mean([d.mean() for d in by_task]))
+    return DifferenceInterval(difference, float(low), float(high), level)
+
+
+def task_arrays(baselines: Sequence[Sequence[dict]], candidates: Sequence[Sequence[dict]]) -> dict[str, np.ndarray]:
+    """Task (sorted) -> its prompts' differences (`prompt_differences`) as an array."""
+    differences = prompt_differences(baselines, candidates)
+    return {tag: np.array(list(differences[tag].values())) for tag in sorted(differences)}
 
 
 def overall_difference(
@@ -83,24 +98,18 @@ def overall_difference(
     """The candidates' GenEval overall minus the baselines', with a percentile interval from `draws` resamplings of
     the prompts within each task. Several runs on a side (e.g. one adapter per training seed) are pooled prompt by
     prompt: the interval is over prompts only, not over training seeds (their spread is reported on its own)."""
-    by_task = [
-        np.array(list(prompts.values())) for _, prompts in sorted(prompt_differences(baselines, candidates).items())
-    ]
-    rng = np.random.default_rng(seed)
-    resampled = np.mean([d[rng.integers(0, len(d), size=(draws, len(d)))].mean(axis=1) for d in by_task], axis=0)
-    tail = (1 - level) / 2
-    low, high = np.quantile(resampled, [tail, 1 - tail])
-    difference = float(np.mean([d.mean() for d in by_task]))
-    return DifferenceInterval(difference, float(low), float(high), level)
+    return resampled_interval(list(task_arrays(baselines, candidates).values()), level, draws, seed)
 
 
 def family_differences(
-    baselines: Sequence[Sequence[dict]], candidates: Sequence[Sequence[dict]]
+    baselines: Sequence[Sequence[dict]],
+    candidates: Sequence[Sequence[dict]],
+    level: float = 0.95,
+    draws: int = 2000,
+    seed: int = 0,
 ) -> dict[str, DifferenceInterval]:
-    """`overall` and each task family (sorted) -> `overall_difference` on the rows of that family alone."""
-    families = sorted({row["tag"] for row in baselines[0]}) if baselines else []
-    found = {}
-    for family in ["overall", *families]:
-        kept = [[row for row in rows if family in ("overall", row["tag"])] for rows in [*baselines, *candidates]]
-        found[family] = overall_difference(kept[: len(baselines)], kept[len(baselines) :])
-    return found
+    """`overall` and each task family (sorted) -> the difference and interval of `overall_difference`, the families
+    each resampled alone; the verdicts are paired once for all of them."""
+    tasks = task_arrays(baselines, candidates)
+    found = {"overall": resampled_interval(list(tasks.values()), level, draws, seed)}
+    return found | {tag: resampled_interval([d], level, draws, seed) for tag, d in tasks.items()}
