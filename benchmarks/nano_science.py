@@ -54,18 +54,19 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
-from dopsd.data import image_files
+from dopsd.data import Example, image_files, read_dataset
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import default_device, machine_description, task_probabilities, write_world_replay
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACK_BY_NAME, NegativeWords, caption_negatives, write_counterfactuals
+from dopsd.nano.packs import PACK_BY_NAME, NegativeWords, caption_negatives, training_items, write_counterfactuals
 from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
 from evaluation.geneval.intervals import DifferenceInterval, family_differences
-from evaluation.nano.premise import blank_share, concept_shown, teacher_premise
+from evaluation.nano.detector import NanoDetector
+from evaluation.nano.premise import blank_share, concept_shown, teacher_example_accuracy, teacher_premise
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
@@ -247,6 +248,13 @@ class ScienceConfig:
     on with the previous adapter's own weights."""
     deployed_steps: int = 4
     """Step count of the continual run's evaluation and of the headline figures."""
+    teacher_curation: float = 0.0
+    """Train each pack's rounds only on the images whose caption the base's teacher, shown the image as a round's
+    teacher is, draws right (the whole caption: counts, colours, positions) in at least this share of its samples
+    (`evaluation.nano.premise.teacher_example_accuracy` over `curation_seeds` noises at `deployed_steps`; 0: every
+    image). A round distils the teacher's drawing, right or wrong."""
+    curation_seeds: int = 4
+    """Noises per pack image that `teacher_curation` samples the teacher from."""
     continual_premise: int = 12
     """Pack prompts on which the teacher premise is measured under the base and every continual adapter: does the
     teacher of a later round, which starts from the previous adapter, still draw each concept from its reference?
@@ -308,6 +316,11 @@ def check(config: ScienceConfig) -> dict:
         problems.append(f"continual_lr must be >= 0 (0: the arm's), got {config.continual_lr}")
     if config.continual_anchor_layout < 0 and config.continual_anchor_layout != ARMS_ANCHOR:
         problems.append(f"continual_anchor_layout must be >= 0 (-1: the arm's), got {config.continual_anchor_layout}")
+    if not 0 <= config.teacher_curation <= 1 or config.curation_seeds < 1:
+        problems.append(
+            f"teacher_curation must be in [0, 1] and curation_seeds >= 1, got {config.teacher_curation} and "
+            f"{config.curation_seeds}"
+        )
     if config.continual_steps < 0:
         problems.append(f"continual_steps must be >= 0 (0: the first round's), got {config.continual_steps}")
     world = Path(config.world)
@@ -373,6 +386,82 @@ def counterfactual_folder(config: ScienceConfig, pack: str) -> str:
     return str(folder)
 
 
+def pack_folder(config: ScienceConfig, pack: str) -> str:
+    """The folder a pack's rounds train on: the world's, or the part of it its teacher draws right
+    (`teacher_curation`), written once into the work folder."""
+    world = Path(config.world) / "packs" / pack
+    if config.teacher_curation <= 0:
+        return str(world)
+    folder = Path(config.workdir) / "curated" / f"{pack}-{config.teacher_curation:g}-of-{config.curation_seeds}"
+    if not folder.is_dir():
+        examples = read_dataset(world)
+        write_curated_pack(examples, pack_teacher_accuracy(config, pack, examples), config.teacher_curation, folder)
+    return str(folder)
+
+
+def pack_teacher_accuracy(config: ScienceConfig, pack: str, examples: list[Example]) -> list[float]:
+    """`teacher_example_accuracy` of the base on the world's pack images."""
+    # The pack folder holds no GenEval records: they are rebuilt from the seed `dopsd nano world` wrote it with, and
+    # checked against the captions on disk.
+    items = training_items(PACK_BY_NAME[pack], len(examples), seed=0)
+    if [e.caption for e in examples] != [item.caption for item in items]:
+        raise SystemExit(
+            f"nano_science: {examples[0].image_path.parent} was not written by `dopsd nano world` with its default "
+            "seed and captions, so its images' GenEval records are unknown and --teacher-curation cannot score the "
+            "teacher on them"
+        )
+    return teacher_example_accuracy(
+        ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS),
+        [e.load_image() for e in examples],
+        [item.metadata for item in items],
+        NanoDetector.load(),
+        seeds=range(config.curation_seeds),
+        steps=config.deployed_steps,
+        resolution=NANO_RESOLUTION,
+    )
+
+
+def curation_scores(folder: str | Path) -> Path:
+    """Where a curated folder's record of every image's teacher accuracy sits (beside it: not training data)."""
+    return Path(folder).with_name(Path(folder).name + ".json")
+
+
+def write_curated_pack(examples: list[Example], accuracy: list[float], threshold: float, folder: Path) -> None:
+    """The examples whose teacher accuracy reaches `threshold`, as a landing folder, and every one's accuracy
+    beside it (`curation_scores`)."""
+    kept = [example for example, share in zip(examples, accuracy, strict=True) if share >= threshold]
+    if not kept:
+        raise SystemExit(
+            f"nano_science: the base's teacher draws none of the {len(examples)} images of "
+            f"{examples[0].image_path.parent} right in {threshold:g} of its samples: lower --teacher-curation"
+        )
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for example in kept:
+        shutil.copy2(example.image_path, temporary / example.image_path.name)
+        (temporary / example.image_path.with_suffix(".txt").name).write_text(example.caption + "\n")
+    scores = {e.image_path.name: share for e, share in zip(examples, accuracy, strict=True)}
+    curation_scores(folder).write_text(json.dumps(scores, indent=1))
+    temporary.rename(folder)
+
+
+def curation_record(config: ScienceConfig) -> dict[str, dict[str, float]]:
+    """pack -> images kept, images in the world's pack, the teacher's mean accuracy on them (empty: no curation)."""
+    if config.teacher_curation <= 0:
+        return {}
+    record = {}
+    for pack in config.names("packs"):
+        accuracy = json.loads(curation_scores(pack_folder(config, pack)).read_text())
+        kept = sum(share >= config.teacher_curation for share in accuracy.values())
+        record[pack] = {
+            "kept": kept,
+            "images": len(accuracy),
+            "teacher_accuracy": float(np.mean(list(accuracy.values()))),
+        }
+    return record
+
+
 def joint_round(config: ScienceConfig, arm: str, packs: Sequence[str], seed: int, output: Path) -> TrainConfig:
     """The `+joint` round after the last of `packs`: the `+lwf` first round of <arm> on all of them pooled, with what
     each pack's own round replays and its caption negatives."""
@@ -385,7 +474,7 @@ def joint_round(config: ScienceConfig, arm: str, packs: Sequence[str], seed: int
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         for pack in packs:  # a pack's files are named after it, so the packs' names never clash
-            for path in (Path(config.world) / "packs" / pack).iterdir():
+            for path in Path(pack_folder(config, pack)).iterdir():
                 shutil.copy2(path, temporary / path.name)
         temporary.rename(pooled)
     return dataclasses.replace(
@@ -411,7 +500,7 @@ def round_config(
     replay, ratio = [world] if world else [], config.replay_ratio if world else 0.0
     arm, suffix = split_arm(arm)
     if suffix and earlier:
-        replay += [str(Path(config.world) / "packs" / p) for p in earlier]
+        replay += [pack_folder(config, p) for p in earlier]
         ratio += config.continual_replay
     if config.counterfactual_ratio > 0:
         replay.append(counterfactual_folder(config, pack))
@@ -434,7 +523,7 @@ def round_config(
     return make_config(
         config.preset,
         model=config.model,
-        data=str(Path(config.world) / "packs" / pack),
+        data=pack_folder(config, pack),
         output=str(output),
         seed=seed,
         batch_size=config.round_batch or None,
@@ -876,6 +965,7 @@ def render_markdown(results: dict) -> str:
         "(no base prompt names it); blank: share of the retention samples showing no object at all; drawn: share of "
         "a pack's own prompts' samples showing its concept, whatever else the prompt asks (concept accuracy also "
         "needs the counts, colours and positions right).",
+        *curation_lines(results.get("curation", {}), config),
         *replay_lines(results.get("replay_plan", {})),
         "",
         f"## At {deployed} steps (the deployed setting)",
@@ -998,6 +1088,20 @@ def against_base_table(against: dict, labels: tuple[str, str], families: dict[st
     return lines
 
 
+def curation_lines(curation: dict, config: dict) -> list[str]:
+    if not curation:
+        return []
+    kept = ", ".join(
+        f"{p} {r['kept']} of {r['images']} (teacher {r['teacher_accuracy']:.3f})" for p, r in curation.items()
+    )
+    return [
+        "",
+        f"Teacher curation: each pack's rounds train on the images whose caption the base's teacher, shown the image, "
+        f"draws right in at least {config['teacher_curation']:g} of {config['curation_seeds']} samples at "
+        f"{config['deployed_steps']} steps: {kept} (mean share of its samples right on all of a pack's images).",
+    ]
+
+
 def premise_table(premise: dict, prompts: int, steps: int) -> list[str]:
     packs = list(premise[BASE])
     lines = [
@@ -1062,6 +1166,7 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
         "packs": {},
     }
     results["replay_plan"] = replay_plan(config)
+    results["curation"] = curation_record(config)
     for pack in config.names("packs"):
         study = pack_study(config, evaluation, pack, log)
         study["plot"] = str(plot_pack(pack, study, plots / f"{pack}.png").relative_to(out.parent))

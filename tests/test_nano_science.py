@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from dopsd.adapters import LORA_WEIGHTS
 from dopsd.config import make_config
+from dopsd.data import read_dataset
 from dopsd.demo import KEEP_THE_BASE
 from dopsd.sampling import NOISE_SCHEME
 
@@ -68,8 +69,9 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--packs=star,nothing",
         "--continual-lr=-1",
     ]
-    wrong += ["--counterfactual-ratio=0.7", "--continual-steps=-1"]
+    wrong += ["--counterfactual-ratio=0.7", "--continual-steps=-1", "--teacher-curation=1.5"]
     bad = refusal(*options, *wrong)
+    assert "teacher_curation must be in [0, 1] and curation_seeds >= 1, got 1.5 and 4" in bad
     assert "unknown arm 'dpo'" in bad and "packs/nothing_prompts.jsonl is missing" in bad
     assert "continual_lr must be >= 0" in bad and "continual_steps must be >= 0" in bad
     assert "and counterfactual_ratio must be >= 0 and sum to less than 1, got 0.0 + 0.375 + 0.7" in bad
@@ -426,3 +428,53 @@ def test_the_dvc_stage_recommended_chain_replays_taught_by_the_previous_adapter_
         if i == 0:
             assert {field: getattr(chained, field) for field in KEEP_THE_BASE} == KEEP_THE_BASE
         previous = f"{pack}/adapter"
+
+
+def test_teacher_curation_trains_a_pack_on_the_images_its_teacher_draws_right(tmp_path, tiny_world):
+    examples = read_dataset(tiny_world / "packs" / "star")
+    accuracy = [1.0, 0.25, 0.5, 0.0]
+    workdir = tmp_path / "work"
+    config = nano_science.parse_args(
+        [f"--world={tiny_world}", f"--workdir={workdir}", "--packs=star", "--arms=dopsd", "--teacher-curation=0.5"]
+    )
+    # Where the benchmark keeps this curation: written here from given accuracies, the scoring is tested apart.
+    folder = workdir / "curated" / "star-0.5-of-4"
+    nano_science.write_curated_pack(examples, accuracy, 0.5, folder)
+    kept = read_dataset(folder)
+    assert [(e.image_path.name, e.caption) for e in kept] == [
+        (e.image_path.name, e.caption) for e in (examples[0], examples[2])
+    ]
+    assert json.loads(nano_science.curation_scores(folder).read_text()) == {
+        e.image_path.name: share for e, share in zip(examples, accuracy, strict=True)
+    }
+    assert nano_science.pack_round(config, "dopsd", "star", 0).data == str(folder)
+    assert nano_science.curation_record(config) == {"star": {"kept": 2, "images": 4, "teacher_accuracy": 0.4375}}
+    with pytest.raises(SystemExit, match="draws none of the 4 images of .*star.*lower --teacher-curation"):
+        nano_science.write_curated_pack(examples, [0.25] * 4, 0.5, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_teacher_example_accuracy_scores_each_image_against_its_own_record(tiny_nano_bootstrap, tiny_world):
+    from dopsd.models.zimage import ZImageModel
+    from dopsd.nano.model import NANO_CAPTION_TOKENS
+    from evaluation.nano.detector import NanoDetector
+    from evaluation.nano.premise import teacher_example_accuracy
+
+    model = ZImageModel.load(tiny_nano_bootstrap.model_dir, max_caption_tokens=NANO_CAPTION_TOKENS)
+    examples = read_dataset(tiny_world / "packs" / "star")[:2]
+    records = [  # a record any image meets, then one no image can: the shares must come back in this order
+        {"tag": "single_object", "include": [], "prompt": examples[0].caption},
+        {"tag": "counting", "include": [{"class": "circle", "count": 99}], "prompt": examples[1].caption},
+    ]
+    images = [e.load_image() for e in examples]
+    assert teacher_example_accuracy(model, images, records, NanoDetector.load(), seeds=(0, 1, 2)) == [1.0, 0.0]
+
+
+def test_teacher_curation_refuses_a_pack_folder_whose_records_it_cannot_rebuild(tmp_path, tiny_world):
+    pack = tmp_path / "star"
+    shutil.copytree(tiny_world / "packs" / "star", pack)
+    first = sorted(pack.glob("*.txt"))[0]
+    first.write_text("a caption of my own\n")
+    config = nano_science.parse_args([f"--world={tiny_world}", f"--workdir={tmp_path}", "--teacher-curation=0.5"])
+    with pytest.raises(SystemExit, match=f"{pack} was not written by `dopsd nano world`"):
+        nano_science.pack_teacher_accuracy(config, "star", read_dataset(pack))

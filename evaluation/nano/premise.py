@@ -22,7 +22,7 @@ from dopsd.nano.world import relayout, render
 from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detection, Detector
 from evaluation.geneval.rules import keep_detections
-from evaluation.nano.geneval_nano import score_detections
+from evaluation.nano.geneval_nano import score_detections, score_images
 from evaluation.suite import labelled_grid, seed_columns
 
 COPY_DISTANCE = 2.0
@@ -154,3 +154,23 @@ def teacher_premise(
         copies=float(np.mean(distances < COPY_DISTANCE)),
         samples=len(teacher_images),
     )
+
+
+def teacher_example_accuracy(
+    model: ZImageModel,
+    images: Sequence[Image.Image],
+    records: Sequence[dict],
+    detector: Detector,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    steps: int = 4,
+    resolution: int = 64,
+) -> list[float]:
+    """Per training example (its image and the GenEval record of its caption, in the same order): the share of the
+    teacher's samples, from [that image + its caption] as a D-OPSD round's teacher first sees it, that the rules
+    judge right for the whole caption. Where the teacher draws a caption wrong (a count, a colour, a position), a
+    round distils the wrong drawing into the student."""
+    contexts = model.encode_teacher([record["prompt"] for record in records], list(images))
+    samples = sample_images(model, contexts, seeds, steps, resolution)
+    _, verdicts = score_images(samples, [record for record in records for _ in seeds], detector)
+    correct = np.array([verdict.correct for verdict in verdicts], dtype=np.float64).reshape(len(records), len(seeds))
+    return correct.mean(axis=1).tolist()
