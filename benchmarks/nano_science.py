@@ -66,7 +66,13 @@ from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
 from evaluation.geneval.intervals import DifferenceInterval, family_differences
 from evaluation.nano.detector import NanoDetector
-from evaluation.nano.premise import blank_share, concept_shown, teacher_example_accuracy, teacher_premise
+from evaluation.nano.premise import (
+    blank_share,
+    concept_shown,
+    lost_to_concept,
+    teacher_example_accuracy,
+    teacher_premise,
+)
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import read_images, read_prompts, retention_set
 from evaluation.suite import Evaluators, PromptSet, SuiteConfig, SuiteReport, run_suite
@@ -252,7 +258,9 @@ class ScienceConfig:
     """Train each pack's rounds only on the images whose caption the base's teacher, shown the image as a round's
     teacher is, draws right (the whole caption: counts, colours, positions) in at least this share of its samples
     (`evaluation.nano.premise.teacher_example_accuracy` over `curation_seeds` noises at `deployed_steps`; 0: every
-    image). A round distils the teacher's drawing, right or wrong."""
+    image). A round distils the teacher's drawing, right or wrong. At 0.5 (star 23, teal 26, striped 32 of 48 kept:
+    single objects and two objects, few counts or positions) no pack learnt more beyond the prompts' noise, each kept
+    less, and the star leaked more (0.236 against 0.151; reports/README.md, "Teacher curation"): not adopted."""
     curation_seeds: int = 4
     """Noises per pack image that `teacher_curation` samples the teacher from."""
     continual_premise: int = 12
@@ -664,7 +672,12 @@ class Evaluation:
             f"retention-{tag}": values.get(f"{self.retention.name}/geneval/{tag}") for tag in self.retention_tags
         }
         found_here = {"drawn": found[f"drawn-{pack}"], "leak": found[f"leak-{pack}"], "blank": found["blank"]}
-        return metrics | found_here | families
+        rows = self.verdict_rows(pack, report, steps, self.retention.name, model)
+        lost = {
+            f"lost-{tag}": lost_to_concept(PACK_BY_NAME[pack], [row for row in rows if row["tag"] == tag])
+            for tag in self.retention_tags
+        }
+        return metrics | found_here | families | lost
 
     def retention_against_base(self, name: str, report: SuiteReport, steps: int, models: list[str]) -> dict[str, dict]:
         """`overall` and each task family -> the models' retention accuracy (their seeds pooled prompt by prompt)
@@ -999,6 +1012,22 @@ def render_markdown(results: dict) -> str:
             lines.append(
                 f"| {pack} | {arm} | " + " | ".join(shown(study["metrics"][f][arm][deployed]) for f in families) + " |"
             )
+    lost = [f"lost-{f.removeprefix('retention-')}" for f in families]
+    if all(key in next(iter(results["packs"].values()))["metrics"] for key in lost):
+        lines += [
+            "",
+            f"### Retention lost to the concept by task family at {deployed} steps",
+            "",
+            "Share of each family's samples judged wrong that show the pack's concept (no base prompt names it): "
+            "what its leak cost, beside the family's accuracy above.",
+            "",
+            "| pack | model | " + " | ".join(f.removeprefix("lost-") for f in lost) + " |",
+            "| --- | --- |" + " --- |" * len(lost),
+        ]
+        for pack, study in results["packs"].items():
+            for arm in arms:
+                cells = [shown(study["metrics"][f][arm][deployed]) for f in lost]
+                lines.append(f"| {pack} | {arm} | " + " | ".join(cells) + " |")
     against = {pack: study["against_base"] for pack, study in results["packs"].items() if study["against_base"]}
     if against:
         lines += against_base_table(against, ("pack", "model"), results["prompts"]["retention_families"])

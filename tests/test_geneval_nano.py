@@ -13,7 +13,7 @@ from dopsd.sampling import sample_images
 from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.geneval_nano import geneval_nano, score_images
-from evaluation.nano.premise import blank_share, concept_shown, shows_concept
+from evaluation.nano.premise import blank_share, concept_shown, lost_to_concept, shows_concept
 from evaluation.suite import verdict_row
 
 
@@ -55,6 +55,24 @@ def test_the_concept_is_found_in_renders_of_its_pack_and_not_in_their_counterfac
             assert concept_shown(pack, rows) == share
             assert share >= 0.95 if shown else share == 0, pack.name
         assert concept_shown(pack, [{k: v for k, v in row.items() if k != "found"} for row in rows]) is None
+
+
+def test_a_wrong_sample_showing_the_concept_counts_as_lost_to_it():
+    star, teal = PACKS[0], PACKS[1]
+    assert (star.kind, teal.kind) == ("shape", "colour")
+
+    def row(correct, *objects):
+        return {"correct": correct, "found": [{"cls": c, "colour": k, "texture": "plain"} for c, k in objects]}
+
+    rows = [
+        row(False, ("star", "red"), ("circle", "blue")),  # a star where a square was asked: lost to the star
+        row(True, ("star", "teal"), ("circle", "red")),  # right despite its star: not lost
+        row(False, ("circle", "teal")),  # wrong without a star: lost, but not to the star (to the teal)
+        row(False),
+    ]
+    assert lost_to_concept(star, rows) == 0.25 and lost_to_concept(teal, rows) == 0.25
+    assert lost_to_concept(star, rows[1:]) == 0.0
+    assert lost_to_concept(star, [{"correct": False}]) is None and lost_to_concept(star, []) is None
 
 
 def test_a_sample_without_any_object_counts_as_blank(detector):

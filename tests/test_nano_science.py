@@ -109,6 +109,11 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         # ... and retention of each task family of the base prompts, every one scored
         base_tags = {json.loads(line)["tag"] for line in (world / "base_prompts.jsonl").open()}
         families = {key.removeprefix("retention-") for key in study["metrics"] if key.startswith("retention-")}
+        # ... and the share of each family's samples lost to the pack's concept: wrong ones, so never above 1 - accuracy
+        for tag in base_tags:
+            for arm in ("base", "dopsd"):
+                lost = study["metrics"][f"lost-{tag}"][arm]["4"]["mean"]
+                assert 0 <= lost <= 1 - study["metrics"][f"retention-{tag}"][arm]["4"]["mean"] + 1e-9
         assert families == base_tags and all(
             study["metrics"][f"retention-{t}"]["dopsd"]["4"]["n"] == 2 for t in families
         )
@@ -191,6 +196,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
                 assert value["n"] == 2 and 0 <= value["mean"] <= 1  # both seeds' chains measured
     text = out.read_text()
     assert "| concept accuracy | drawn | leak | blank | retention |" in text and "A word the base knows" in text
+    assert "### Retention lost to the concept by task family at 4 steps" in text
     assert "### Retention by task family at 4 steps" in text
     assert "| drawn-star | drawn-teal | retention | leak-star | leak-teal | blank |" in text
     assert "## At 4 steps (the deployed setting)" in text and "| teal | dopsd |" in text and "| star | base |" in text

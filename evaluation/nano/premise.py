@@ -81,6 +81,16 @@ def concept_shown(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
     return float(np.mean([any(o[field] == pack.word for o in row["found"]) for row in verdicts]))
 
 
+def lost_to_concept(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
+    """Share of suite verdict rows judged wrong whose kept objects carry the pack's concept: on prompts that do not
+    name it, the samples its leak cost (the concept drawn in an asked-for object's place, or beside them). None when
+    the rows do not record their objects."""
+    if not verdicts or any("found" not in row for row in verdicts):
+        return None
+    field = CONCEPT_FIELD[pack.kind]
+    return float(np.mean([not row["correct"] and any(o[field] == pack.word for o in row["found"]) for row in verdicts]))
+
+
 def blank_share(verdicts: Sequence[dict]) -> float | None:
     """Share of suite verdict rows whose image shows no object the rules keep, only the background: on the nano world
     the chained rounds that try to keep earlier concepts lose objects this way, at the top sampling states that no
