@@ -997,37 +997,21 @@ def render_markdown(results: dict) -> str:
             ]
             took = shown(study["round_seconds"][arm], 0) if arm in study["round_seconds"] else "-"
             lines.append(f"| {pack} | {arm} | {' | '.join(values)} | {took} |")
-    families = sorted(key for key in next(iter(results["packs"].values()))["metrics"] if key.startswith("retention-"))
-    lines += [
-        "",
-        f"### Retention by task family at {deployed} steps",
-        "",
+    lines += family_table(
+        results,
+        arms,
+        "retention-",
+        f"Retention by task family at {deployed} steps",
         "GenEval-nano on the held-out base prompts of each family alone (what a round loses, and where).",
-        "",
-        "| pack | model | " + " | ".join(f.removeprefix("retention-") for f in families) + " |",
-        "| --- | --- |" + " --- |" * len(families),
-    ]
-    for pack, study in results["packs"].items():
-        for arm in arms:
-            lines.append(
-                f"| {pack} | {arm} | " + " | ".join(shown(study["metrics"][f][arm][deployed]) for f in families) + " |"
-            )
-    lost = [f"lost-{f.removeprefix('retention-')}" for f in families]
-    if all(key in next(iter(results["packs"].values()))["metrics"] for key in lost):
-        lines += [
-            "",
-            f"### Retention lost to the concept by task family at {deployed} steps",
-            "",
-            "Share of each family's samples judged wrong that show the pack's concept (no base prompt names it): "
-            "what its leak cost, beside the family's accuracy above.",
-            "",
-            "| pack | model | " + " | ".join(f.removeprefix("lost-") for f in lost) + " |",
-            "| --- | --- |" + " --- |" * len(lost),
-        ]
-        for pack, study in results["packs"].items():
-            for arm in arms:
-                cells = [shown(study["metrics"][f][arm][deployed]) for f in lost]
-                lines.append(f"| {pack} | {arm} | " + " | ".join(cells) + " |")
+    )
+    lines += family_table(
+        results,
+        arms,
+        "lost-",
+        f"Retention lost to the concept by task family at {deployed} steps",
+        "Share of each family's samples judged wrong that show the pack's concept (no base prompt names it): what its "
+        "leak cost, beside the family's accuracy above.",
+    )
     against = {pack: study["against_base"] for pack, study in results["packs"].items() if study["against_base"]}
     if against:
         lines += against_base_table(against, ("pack", "model"), results["prompts"]["retention_families"])
@@ -1114,6 +1098,26 @@ def against_base_table(against: dict, labels: tuple[str, str], families: dict[st
         for second, by_family in rows.items():
             cells = [str(DifferenceInterval(**by_family[c])) for c in columns]
             lines.append(f"| {first} | {second} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def family_table(results: dict, arms: list[str], prefix: str, title: str, caption: str) -> list[str]:
+    """A table of the per-family metrics named `<prefix><family>`, every pack and arm at the deployed steps."""
+    deployed = results["config"]["deployed_steps"]
+    keys = sorted(key for key in next(iter(results["packs"].values()))["metrics"] if key.startswith(prefix))
+    lines = [
+        "",
+        f"### {title}",
+        "",
+        caption,
+        "",
+        "| pack | model | " + " | ".join(key.removeprefix(prefix) for key in keys) + " |",
+        "| --- | --- |" + " --- |" * len(keys),
+    ]
+    for pack, study in results["packs"].items():
+        for arm in arms:
+            cells = [shown(study["metrics"][key][arm][deployed]) for key in keys]
+            lines.append(f"| {pack} | {arm} | " + " | ".join(cells) + " |")
     return lines
 
 
