@@ -443,14 +443,20 @@ def write_curated_pack(examples: list[Example], accuracy: list[float], threshold
             f"nano_science: the base's teacher draws none of the {len(examples)} images of "
             f"{examples[0].image_path.parent} right in {threshold:g} of its samples: lower --teacher-curation"
         )
+    scores = {e.image_path.name: share for e, share in zip(examples, accuracy, strict=True)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    curation_scores(folder).write_text(json.dumps(scores, indent=1))
+    copied_folder(folder, [path for e in kept for path in (e.image_path, e.image_path.with_suffix(".txt"))])
+
+
+def copied_folder(folder: Path, paths: Sequence[Path]) -> None:
+    """`folder` holding copies of `paths`, written into a temporary sibling and renamed when complete: a folder found
+    is reused as is, so a copy cut short must never sit under its name."""
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    for example in kept:
-        shutil.copy2(example.image_path, temporary / example.image_path.name)
-        (temporary / example.image_path.with_suffix(".txt").name).write_text(example.caption + "\n")
-    scores = {e.image_path.name: share for e, share in zip(examples, accuracy, strict=True)}
-    curation_scores(folder).write_text(json.dumps(scores, indent=1))
+    for path in paths:
+        shutil.copy2(path, temporary / path.name)
     temporary.rename(folder)
 
 
@@ -477,14 +483,8 @@ def joint_round(config: ScienceConfig, arm: str, packs: Sequence[str], seed: int
     if len(packs) == 1:
         return alone[0]
     pooled = Path(config.workdir) / "joint" / "+".join(packs)
-    if not pooled.is_dir():
-        temporary = pooled.with_name(pooled.name + ".tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        for pack in packs:  # a pack's files are named after it, so the packs' names never clash
-            for path in Path(pack_folder(config, pack)).iterdir():
-                shutil.copy2(path, temporary / path.name)
-        temporary.rename(pooled)
+    if not pooled.is_dir():  # a pack's files are named after it, so the packs' names never clash
+        copied_folder(pooled, [path for pack in packs for path in Path(pack_folder(config, pack)).iterdir()])
     return dataclasses.replace(
         alone[0],
         data=str(pooled),

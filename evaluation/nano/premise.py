@@ -69,33 +69,42 @@ def shows_concept(pack: ConceptPack, detections: Sequence[Detection], tag: str) 
     return any(getattr(detection, CONCEPT_FIELD[pack.kind]) == pack.word for found in kept for detection in found)
 
 
+def objects_recorded(verdicts: Sequence[dict]) -> bool:
+    """Whether there are suite verdict rows and every one records the objects found in its image (older rows do
+    not, and say nothing of what was drawn)."""
+    return bool(verdicts) and all("found" in row for row in verdicts)
+
+
+def carries_concept(pack: ConceptPack, row: dict) -> bool:
+    """Whether an object a suite verdict row found (`found`, the objects the rules kept) carries the pack's concept."""
+    return any(found[CONCEPT_FIELD[pack.kind]] == pack.word for found in row["found"])
+
+
 def concept_shown(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
     """Share of suite verdict rows (`evaluation.suite`) whose kept objects carry the pack's concept. On prompts that
     do not name it, its leak: a concept learnt as "draw it whatever the prompt" leaks onto prompts that never asked
     for it, and takes their objects' place. On the pack's own prompts, how often it is drawn at all, whatever else
     the prompt asks (the teacher premise's `teacher_concept`, for any model). None when the rows do not record their
     objects."""
-    if not verdicts or any("found" not in row for row in verdicts):
+    if not objects_recorded(verdicts):
         return None
-    field = CONCEPT_FIELD[pack.kind]
-    return float(np.mean([any(o[field] == pack.word for o in row["found"]) for row in verdicts]))
+    return float(np.mean([carries_concept(pack, row) for row in verdicts]))
 
 
 def lost_to_concept(pack: ConceptPack, verdicts: Sequence[dict]) -> float | None:
     """Share of suite verdict rows judged wrong whose kept objects carry the pack's concept: on prompts that do not
     name it, the samples its leak cost (the concept drawn in an asked-for object's place, or beside them). None when
     the rows do not record their objects."""
-    if not verdicts or any("found" not in row for row in verdicts):
+    if not objects_recorded(verdicts):
         return None
-    field = CONCEPT_FIELD[pack.kind]
-    return float(np.mean([not row["correct"] and any(o[field] == pack.word for o in row["found"]) for row in verdicts]))
+    return float(np.mean([not row["correct"] and carries_concept(pack, row) for row in verdicts]))
 
 
 def blank_share(verdicts: Sequence[dict]) -> float | None:
     """Share of suite verdict rows whose image shows no object the rules keep, only the background: on the nano world
     the chained rounds that try to keep earlier concepts lose objects this way, at the top sampling states that no
     loss reaches (benchmarks/adapter_steps.py). None when the rows do not record their objects."""
-    if not verdicts or any("found" not in row for row in verdicts):
+    if not objects_recorded(verdicts):
         return None
     return float(np.mean([not row["found"] for row in verdicts]))
 
