@@ -59,8 +59,9 @@ class FewStepModel(ABC):
             )
 
     @abstractmethod
-    def encode_student(self, prompts: Sequence[str]) -> list[Context]:
-        """The deployed conditioning: the prompt alone."""
+    def encode_student(self, prompts: Sequence[str], differentiable: bool = False) -> list[Context]:
+        """The deployed conditioning: the prompt alone. `differentiable` keeps the text encoder's graph, for
+        gradients into what it reads (learnt word embeddings, `dopsd.words`)."""
 
     @abstractmethod
     def encode_teacher(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[Context]:

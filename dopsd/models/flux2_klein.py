@@ -63,8 +63,8 @@ class Flux2KleinModel(FewStepModel):
     def load(cls, path_or_id: str, device="cpu", dtype=torch.float32, **kwargs) -> Flux2KleinModel:
         return cls(Flux2KleinPipeline.from_pretrained(path_or_id, dtype=dtype), device=device, dtype=dtype, **kwargs)
 
-    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        with torch.no_grad():
+    def _encode(self, prompts: Sequence[str], differentiable: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(differentiable):
             embeds, _ = self.pipeline.encode_prompt(
                 list(prompts),
                 device=self.device,
@@ -73,8 +73,8 @@ class Flux2KleinModel(FewStepModel):
             )
         return embeds.to(self.dtype)
 
-    def encode_student(self, prompts: Sequence[str]) -> list[Context]:
-        return [{"prompt_embeds": e} for e in self._encode(prompts)]
+    def encode_student(self, prompts: Sequence[str], differentiable: bool = False) -> list[Context]:
+        return [{"prompt_embeds": e} for e in self._encode(prompts, differentiable)]
 
     def encode_teacher(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[Context]:
         embeds = self._encode([p + self.reference_suffix for p in prompts])

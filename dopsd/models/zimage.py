@@ -74,8 +74,8 @@ class ZImageModel(FewStepModel):
         processor = AutoImageProcessor.from_pretrained(processor_source)
         return cls(pipeline, vl, processor, device=device, dtype=dtype, max_caption_tokens=max_caption_tokens)
 
-    def encode_student(self, prompts: Sequence[str]) -> list[Context]:
-        with torch.no_grad():
+    def encode_student(self, prompts: Sequence[str], differentiable: bool = False) -> list[Context]:
+        with torch.set_grad_enabled(differentiable):
             # _encode_prompt rewrites the list it is given: pass a copy.
             feats = self.pipeline._encode_prompt(
                 list(prompts), device=self.device, max_sequence_length=self.max_caption_tokens

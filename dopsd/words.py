@@ -1,0 +1,83 @@
+"""Learnt word embeddings (textual inversion): a new word's input embedding in the text encoder, trained in place of
+a LoRA on the networks.
+
+The embeddings are swapped into the text encoder's embedding output by a forward hook, for the words' own tokens
+only. A prompt without the words reaches the text encoder token for token as before, and the encoder's causal
+attention lets no token change the ones before it, so that prompt's context is the base's, bit for bit: such an
+adapter cannot leak its concept onto prompts that do not name it, nor lose what the base did for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WORD_EMBEDDINGS = "word_embeddings.safetensors"
+"""The weights file of a word-embedding adapter folder: one input embedding per word, keyed by the word."""
+
+
+def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
+    """Each word's token as a caption spells it, after a space. A word the tokenizer splits into several tokens has no
+    embedding of its own to learn: it is refused, with its pieces named."""
+    ids = {}
+    for word in words:
+        pieces = tokenizer(" " + word, add_special_tokens=False).input_ids
+        if len(pieces) != 1:
+            names = tokenizer.convert_ids_to_tokens(pieces)
+            raise ValueError(
+                f"word {word!r} is {len(pieces)} tokens of this tokenizer ({names}), not one: only a word with a token "
+                "of its own has an embedding to learn"
+            )
+        ids[word] = pieces[0]
+    return ids
+
+
+class WordEmbeddings(torch.nn.Module):
+    """The learnt input embeddings of some words, starting from the text encoder's own, swapped in while attached."""
+
+    def __init__(self, embedding: torch.nn.Embedding, token_ids: dict[str, int]):
+        super().__init__()
+        if not token_ids:
+            raise ValueError("no words to learn")
+        self.words = list(token_ids)
+        self.token_ids = torch.tensor(list(token_ids.values()), device=embedding.weight.device)
+        # float32 whatever the encoder's dtype: Adam's steps on a bf16 vector would round away.
+        self.vectors = torch.nn.Parameter(embedding.weight[self.token_ids].detach().clone().float())
+        self.handle = embedding.register_forward_hook(self.swap)
+
+    def swap(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        match = torch.eq(inputs[0].unsqueeze(-1), self.token_ids)  # (B, L, words)
+        learnt = (match.to(self.vectors.dtype) @ self.vectors).to(output.dtype)
+        # where, not a sum of deltas: every other token keeps its embedding exactly.
+        return torch.where(match.any(-1, keepdim=True), learnt, output)
+
+    def detach_from_encoder(self) -> None:
+        self.handle.remove()
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / WORD_EMBEDDINGS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vectors = zip(self.words, self.vectors, strict=True)
+        save_file({word: vector.detach().contiguous().cpu() for word, vector in vectors}, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path, embedding: torch.nn.Embedding, tokenizer) -> WordEmbeddings:
+        """Attach the embeddings saved in `folder` to the text encoder whose input embedding is `embedding`."""
+        path = Path(folder) / WORD_EMBEDDINGS
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no word embeddings (a word-embedding adapter holds {WORD_EMBEDDINGS})")
+        saved = load_file(str(path))
+        width = embedding.weight.shape[1]
+        wrong = [f"{word} {list(v.shape)}" for word, v in saved.items() if tuple(v.shape) != (width,)]
+        if wrong:
+            raise ValueError(
+                f"{path}: embeddings of another width than this text encoder's [{width}]: {', '.join(wrong)}"
+            )
+        words = cls(embedding, word_token_ids(tokenizer, list(saved)))
+        with torch.no_grad():
+            words.vectors.copy_(torch.stack([saved[word] for word in words.words]))
+        return words

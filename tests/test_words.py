@@ -1,0 +1,85 @@
+"""Learnt word embeddings: only prompts naming the word change, only the word's vectors learn, files round-trip."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dopsd.models import ZImageModel
+from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, word_token_ids
+
+WITHOUT = ["a red circle left of a blue square", "two green triangles"]
+
+
+def attach_star(model: ZImageModel, seed: int = 0) -> WordEmbeddings:
+    words = WordEmbeddings(
+        model.pipeline.text_encoder.get_input_embeddings(), word_token_ids(model.pipeline.tokenizer, ["star"])
+    )
+    with torch.no_grad():
+        words.vectors.copy_(torch.randn(words.vectors.shape, generator=torch.Generator().manual_seed(seed)))
+    return words
+
+
+def features(model: ZImageModel, prompts: list[str]) -> list[torch.Tensor]:
+    return [context["cap_feats"] for context in model.encode_student(prompts)]
+
+
+def test_only_prompts_naming_the_word_change_and_only_from_the_word_on(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    prompt = "a red circle and a yellow star on a white background"
+    base = features(model, [*WITHOUT, prompt])
+    words = attach_star(model)
+    attached = features(model, [*WITHOUT, prompt])
+    assert all(torch.equal(a, b) for a, b in zip(attached[:2], base[:2], strict=True))
+    tokens = model.pipeline.tokenizer(prompt, add_special_tokens=False).input_ids
+    star = tokens.index(words.token_ids.item())
+    # The context holds the chat turn: find where the caption's tokens start in it.
+    turn = model.pipeline.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    turn_ids = model.pipeline.tokenizer(turn).input_ids
+    at = next(i for i in range(len(turn_ids)) if turn_ids[i : i + len(tokens)] == tokens) + star
+    changed = (attached[2] != base[2]).any(dim=-1)
+    assert not changed[:at].any() and changed[at:].all()
+    words.detach_from_encoder()
+    assert torch.equal(features(model, [prompt])[0], base[2])
+
+
+def test_gradient_reaches_only_the_words_vectors(tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    words = attach_star(model)
+    embedding = model.pipeline.text_encoder.get_input_embeddings()
+    without = model.encode_student(WITHOUT, differentiable=True)
+    torch.stack([c["cap_feats"].square().sum() for c in without]).sum().backward()
+    assert words.vectors.grad is not None and not words.vectors.grad.any()
+    words.vectors.grad = None
+    with_word = model.encode_student(["a yellow star"], differentiable=True)
+    with_word[0]["cap_feats"].square().sum().backward()
+    assert words.vectors.grad is not None and words.vectors.grad.abs().sum() > 0
+    assert embedding.weight.grad is None
+    assert all(p.grad is None for p in model.pipeline.text_encoder.parameters())
+    frozen = model.encode_student(["a yellow star"])
+    assert not frozen[0]["cap_feats"].requires_grad
+
+
+def test_saved_words_load_into_another_model_and_bad_files_are_refused(tmp_path, tiny_zimage_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    attach_star(model, seed=3).save(tmp_path / "adapter")
+    expected = features(model, ["a yellow star"])[0]
+    fresh = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    embedding, tokenizer = fresh.pipeline.text_encoder.get_input_embeddings(), fresh.pipeline.tokenizer
+    assert not torch.equal(features(fresh, ["a yellow star"])[0], expected)
+    loaded = WordEmbeddings.load(tmp_path / "adapter", embedding, tokenizer)
+    assert loaded.words == ["star"] and torch.equal(features(fresh, ["a yellow star"])[0], expected)
+    loaded.detach_from_encoder()
+    with pytest.raises(FileNotFoundError, match=WORD_EMBEDDINGS):
+        WordEmbeddings.load(tmp_path / "nothing", embedding, tokenizer)
+    save_file({"star": torch.zeros(3)}, tmp_path / WORD_EMBEDDINGS)
+    with pytest.raises(ValueError, match=r"another width .*\[32\]: star \[3\]"):
+        WordEmbeddings.load(tmp_path, embedding, tokenizer)
+
+
+def test_a_word_without_a_token_of_its_own_is_refused(tiny_zimage_path):
+    tokenizer = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False).pipeline.tokenizer
+    assert set(word_token_ids(tokenizer, ["star", "circle"])) == {"star", "circle"}
+    with pytest.raises(ValueError, match="'zanzibarquux' is .* tokens"):
+        word_token_ids(tokenizer, ["zanzibarquux"])
