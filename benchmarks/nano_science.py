@@ -52,18 +52,26 @@ import numpy as np
 import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, use_adapter
+from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, holds_lora, use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
 from dopsd.data import Example, image_files, read_dataset
 from dopsd.models import load_model
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import default_device, machine_description, task_probabilities, write_world_replay
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.nano.packs import PACK_BY_NAME, NegativeWords, caption_negatives, training_items, write_counterfactuals
+from dopsd.nano.packs import (
+    PACK_BY_NAME,
+    NegativeWords,
+    caption_negatives,
+    counterfactual_words,
+    training_items,
+    write_counterfactuals,
+)
 from dopsd.nano.scenes import iterate_items, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
+from dopsd.words import words_attached
 from evaluation.geneval.intervals import DifferenceInterval, family_differences
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.premise import (
@@ -95,6 +103,8 @@ ADAPTER_PLACES = {
     TEXT_PATH_PER_TOKEN: "the text path's per-token layers (caption embedder, refiner feed-forward)",
 }
 TEXT_PATH_DOPSD = {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3}
+PACK_WORDS = "<the pack's words>"
+"""`learn_words` of an arm that learns the words a pack teaches (its word, and a shape's plural), filled in per pack."""
 """The nano preset's recipe as an arm: D-OPSD, EMA teacher, the text path at lr 2e-3 (its variants add to it)."""
 ARMS: dict[str, dict] = {
     name: {"lora_targets": EVERY_LAYER, "lr": 5e-4, **overrides}
@@ -128,6 +138,8 @@ ARMS: dict[str, dict] = {
         "dopsd-base-teacher-text-path-lr2e-3": TEXT_PATH_DOPSD | {"teacher": "base"},
         "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
         "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
+        # No LoRA: the base itself is the teacher, and a prompt without the pack's words is the base's bit for bit.
+        "dopsd-pack-words": {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
@@ -292,6 +304,12 @@ def check(config: ScienceConfig) -> dict:
         if a not in ARMS
     ]
     problems += [
+        f"arm {a!r} learns word embeddings alone: {split_arm(a)[1]} sums or pools LoRAs; its chain (no suffix) keeps "
+        "every earlier round's words as they were"
+        for a in config.names("continual_arms")
+        if split_arm(a)[0] in ARMS and learns_words_only(a) and split_arm(a)[1] in UNCHAINED_SUFFIXES
+    ]
+    problems += [
         f"arm {a!r}: {split_arm(a)[1]} goes through the continual run's packs, not one pack (--continual-arms)"
         for a in config.names("arms")
         if split_arm(a)[1] in UNCHAINED_SUFFIXES
@@ -370,9 +388,15 @@ def split_arm(arm: str) -> tuple[str, str]:
     return arm, ""
 
 
+def learns_words_only(arm: str) -> bool:
+    return ARMS[split_arm(arm)[0]].get("lora_rank") == 0
+
+
 def arm_recipe(arm: str) -> str:
     """Where an arm's adapter sits, its lr and any rank of its own, in words."""
     overrides = ARMS[split_arm(arm)[0]]
+    if learns_words_only(arm):
+        return f"{arm} lr {overrides.get('word_lr', TrainConfig.word_lr):g} on the pack's word embeddings alone"
     rank = f", LoRA rank {overrides['lora_rank']}" if "lora_rank" in overrides else ""
     return f"{arm} lr {overrides['lr']:g} on {ADAPTER_PLACES[overrides['lora_targets']]}{rank}"
 
@@ -514,6 +538,8 @@ def round_config(
         replay.append(counterfactual_folder(config, pack))
         ratio += config.counterfactual_ratio
     replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
+    words = ARMS[arm].get("learn_words")
+    pack_words = {"learn_words": ",".join(counterfactual_words(PACK_BY_NAME[pack]))} if words == PACK_WORDS else {}
     negatives = (
         caption_negatives(PACK_BY_NAME[pack], config.caption_negative_words)
         if config.caption_negative_ratio > 0
@@ -540,7 +566,7 @@ def round_config(
         init_adapter=init_adapter,
         caption_negatives=negatives,
         negative_ratio=config.caption_negative_ratio,
-        **({"steps": config.round_steps or None} | ARMS[arm] | replay_overrides | later_round),
+        **({"steps": config.round_steps or None} | ARMS[arm] | pack_words | replay_overrides | later_round),
     )
 
 
@@ -815,9 +841,10 @@ def premise_under(config: ScienceConfig, evaluation: Evaluation, adapters: dict[
         return
     model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
     for name, path in adapters.items():
-        if path is not None:
+        lora = path is not None and holds_lora(path)
+        if lora:
             model.pipeline.load_lora_weights(path, adapter_name=name)
-        with use_adapter(model.transformer, name if path is not None else None):
+        with use_adapter(model.transformer, name if lora else None), words_attached(model.pipeline, path):
             premise = {
                 pack: teacher_premise(
                     model,

@@ -22,6 +22,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dopsd.words import WORD_EMBEDDINGS, holds_words
+
 STUDENT = "student"
 TEACHER = "teacher"
 PREVIOUS = "previous"
@@ -110,7 +112,9 @@ def adapter_pairs(transformer: torch.nn.Module) -> list[tuple[torch.nn.Parameter
 
 @torch.no_grad()
 def ema_update(pairs: Sequence[tuple[torch.nn.Parameter, torch.nn.Parameter]], decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student."""
+    """teacher <- decay * teacher + (1 - decay) * student (nothing to do in a round without a LoRA)."""
+    if not pairs:
+        return
     teachers: list[torch.Tensor] = [t for t, _ in pairs]
     students = [s.detach().to(t.dtype) for t, s in pairs]
     torch._foreach_lerp_(teachers, students, 1.0 - decay)
@@ -130,7 +134,7 @@ def load_adapter_state(transformer: torch.nn.Module, name: str, state: dict[str,
 
 def adapter_names(transformer: Any) -> list[str]:
     """The adapters on the transformer, in the order they were added."""
-    return list(transformer.peft_config)
+    return list(getattr(transformer, "peft_config", {}))
 
 
 def adapter_metadata(transformer: Any, name: str) -> dict:
@@ -177,14 +181,35 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, {key.split(".", 1)[1]: value for key, value in prefixed.items()}
 
 
+def holds_lora(folder: str | Path) -> bool:
+    return (Path(folder) / LORA_WEIGHTS).is_file()
+
+
+def check_adapter_folder(folder: str | Path) -> None:
+    """An adapter folder holds a LoRA, learnt words (`dopsd.words`), or both."""
+    if not holds_lora(folder) and not holds_words(folder):
+        raise FileNotFoundError(
+            f"{folder}: not an adapter folder (it holds neither {LORA_WEIGHTS} nor {WORD_EMBEDDINGS}); give the "
+            "adapter/ folder a round wrote"
+        )
+
+
 def adapter_digest(folder: str | Path) -> str:
-    """SHA-256 of an adapter's weights and LoRA config: the identity of what it does, not of its file's bytes.
-    safetensors writes the header's metadata in an order that changes from process to process, so the same weights
-    saved twice can differ byte for byte."""
-    weights, config = read_adapter(folder)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for key in sorted(weights):
-        tensor = weights[key].contiguous()
+    """SHA-256 of an adapter's weights, LoRA config and learnt words: the identity of what it does, not of its files'
+    bytes. safetensors writes the header's metadata in an order that changes from process to process, so the same
+    weights saved twice can differ byte for byte."""
+    check_adapter_folder(folder)
+    digest = hashlib.sha256()
+    if holds_lora(folder):
+        weights, config = read_adapter(folder)
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        tensors = sorted(weights.items())
+    else:
+        tensors = []
+    if holds_words(folder):
+        tensors += [(f"word {word}", v) for word, v in sorted(load_file(str(Path(folder) / WORD_EMBEDDINGS)).items())]
+    for key, tensor in tensors:
+        tensor = tensor.contiguous()
         digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -71,7 +71,7 @@ app.command("train", help="Run (or resume) a fine-tuning round: D-OPSD or the SF
 def sample(
     model: Annotated[str, typer.Option(help="Pipeline folder or hub id.")],
     prompt: Annotated[list[str], typer.Option(help="Prompt (repeat for several).")],
-    adapter: Annotated[str | None, typer.Option(help="LoRA folder (diffusers format) to load.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter folder a round wrote (LoRA, learnt words).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps (the deployed setting).")] = 4,
     seeds: Annotated[str, typer.Option(help="Seeds, e.g. 0-7 or 0,3,5.")] = "0-7",
     resolution: Annotated[int, typer.Option(help="Square image size.")] = 1024,

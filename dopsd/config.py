@@ -100,11 +100,20 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (much less memory, ~40% slower)."""
     lora_rank: int = 64
-    """LoRA rank."""
+    """LoRA rank (0: no LoRA; the round then learns only `learn_words`)."""
     lora_alpha: float = 128.0
     """LoRA alpha (scale = alpha / rank)."""
     lora_targets: str = ""
     """Comma-separated module-name suffixes to adapt (empty: the family's attention + feed-forward layers)."""
+    learn_words: str = ""
+    """Comma-separated caption words whose input embeddings in the text encoder the round learns (textual inversion,
+    dopsd/words.py), each a token of its own in the tokenizer; the round's adapter holds them beside its LoRA. The
+    student encodes its captions afresh each step with them; the teacher's context is encoded once as the round
+    starts (on Z-Image by the Qwen3-VL encoder, which reads the base's embeddings: the concept reaches it through the
+    image). With lora_rank 0 they are all the round learns, and a prompt without them is the base's bit for bit:
+    nothing leaks onto other prompts. A starting adapter's words stay as they were, those relearnt start from it."""
+    word_lr: float = 1e-2
+    """Adam learning rate of `learn_words` (the nano text encoder's embeddings have norm ~0.16)."""
     ema_decay: float = 0.9
     """Teacher EMA decay: teacher <- d * teacher + (1 - d) * student after each step."""
     teacher: Literal["ema", "base", "live"] = "ema"
@@ -162,6 +171,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.init_adapter_fused and not self.init_adapter:
             raise ValueError("config field 'init_adapter_fused': fuses init_adapter, which is empty")
+        if self.lora_rank < 0 or (self.lora_rank == 0 and not self.learn_words):
+            raise ValueError(
+                f"config field 'lora_rank': must be > 0, or 0 with learn_words (a round must learn something), "
+                f"got {self.lora_rank}"
+            )
         for name in ("teacher_guidance", "guidance", "anchor_layout", "anchor_min_sigma", "top_state_means"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name!r}: must be >= 0 (0 turns it off), got {getattr(self, name)}")
@@ -177,6 +191,9 @@ class TrainConfig:
 
     def replay_folders(self) -> list[str]:
         return comma_separated(self.replay_data)
+
+    def words_list(self) -> list[str]:
+        return comma_separated(self.learn_words)
 
     def negative_pairs(self) -> dict[str, str]:
         """`caption_negatives` as word (lower case) -> replacement."""

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from dopsd.adapters import check_adapter_folder, holds_lora
 from dopsd.config import comma_separated
 from dopsd.models import load_model
 from dopsd.sampling import image_grid
+from dopsd.words import words_attached
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -63,7 +65,10 @@ def sample_grid(
     model = load_model(model_path, family, text_encoder_layers=layers, with_teacher_encoder=False)
     model.check_resolution(resolution, resolution)
     if adapter:
-        model.pipeline.load_lora_weights(adapter)
+        check_adapter_folder(adapter)
+        if holds_lora(adapter):
+            model.pipeline.load_lora_weights(adapter)
     extra = {**model.pipeline_kwargs(), "guidance_scale": guidance}
-    images = pipeline_images(model.pipeline, prompts, seeds, steps, resolution, extra)
+    with words_attached(model.pipeline, adapter):
+        images = pipeline_images(model.pipeline, prompts, seeds, steps, resolution, extra)
     return image_grid(images, columns=len(seeds))

@@ -3,7 +3,11 @@
 Everything that can fail on bad input (data folders, model, LoRA targets, resolution, the adapter to start from)
 is checked before the first step. Contexts and latents are computed once per sample and cached on disk: the
 teacher's VLM encoding is the expensive part, and a resumed round reuses them. A checkpoint holds everything needed
-to continue exactly: both adapters, the optimizer, the step, and the random generators.
+to continue exactly: both adapters, the learnt words, the optimizer, the step, and the random generators.
+
+A round that learns words (`learn_words`) encodes the drawn captions afresh each step instead: their contexts enter the
+loss as leaves, and what the loss sends them is carried back through the text encoder into the words once the
+roll-out is done (`carry_into_words`), so the per-step backwards of the roll-out stay as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -29,6 +34,7 @@ from dopsd.config import TrainConfig, comma_separated
 from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
 from dopsd.models import Context, FewStepModel, load_model
 from dopsd.objective import TeacherKind, dopsd_loss, sample_training_sigmas, sft_loss
+from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, holds_words, save_words, word_token_ids
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
@@ -108,6 +114,9 @@ def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
     for e in examples:
         stat = e.image_path.stat()
         key.append((e.image_path.name, stat.st_size, stat.st_mtime_ns, e.caption))
+    if config.init_adapter and holds_words(config.init_adapter):
+        # The starting adapter's words change the captions' contexts.
+        key.append(hashlib.sha256((Path(config.init_adapter) / WORD_EMBEDDINGS).read_bytes()).hexdigest())
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return Path(config.output) / "cache" / f"{config.method}-{digest}.safetensors"
 
@@ -223,6 +232,52 @@ def fuse_init_adapter(transformer: torch.nn.Module, folder: str, targets: list[s
     adapters.fuse_adapter(transformer, folder)
 
 
+def init_lora(config: TrainConfig) -> bool:
+    """Whether the round starts from a saved LoRA: init_adapter holds one (it may hold only words). A round without a
+    LoRA of its own cannot carry one on."""
+    if not config.init_adapter:
+        return False
+    if not (Path(config.init_adapter) / adapters.LORA_WEIGHTS).is_file():
+        if not holds_words(config.init_adapter):
+            raise ValueError(
+                f"init_adapter {config.init_adapter}: holds neither {adapters.LORA_WEIGHTS} nor {WORD_EMBEDDINGS}; "
+                "give the adapter/ folder a round wrote"
+            )
+        return False
+    if config.lora_rank == 0:
+        raise ValueError(
+            f"init_adapter {config.init_adapter} holds a LoRA, and a round with lora_rank 0 would drop it: give the "
+            "round a LoRA (its rank, alpha and targets)"
+        )
+    return True
+
+
+def attach_words(model: FewStepModel, config: TrainConfig) -> tuple[WordEmbeddings | None, list[WordEmbeddings]]:
+    """The round's learnt words (None unless learn_words) and every word embedding attached: the starting adapter's
+    first (frozen, as they were), then the round's, which start from what the encoder read for them."""
+    attached = []
+    embedding, tokenizer = model.pipeline.text_encoder.get_input_embeddings(), model.pipeline.tokenizer
+    if config.init_adapter and holds_words(config.init_adapter):
+        starting = WordEmbeddings.load(config.init_adapter, embedding, tokenizer)
+        starting.vectors.requires_grad_(False)
+        attached.append(starting)
+    learnt = None
+    if config.words_list():
+        learnt = WordEmbeddings(embedding, word_token_ids(tokenizer, config.words_list()))
+        attached.append(learnt)
+    return learnt, attached
+
+
+def carry_into_words(encoded: list[Context], leaves: list[Context]) -> None:
+    """Backward from the contexts the loss was given (`leaves`, detached copies of `encoded`) through the text
+    encoder into the learnt words."""
+    pairs = [
+        (e[k], leaf[k].grad) for e, leaf in zip(encoded, leaves, strict=True) for k in e if leaf[k].grad is not None
+    ]
+    if pairs:
+        torch.autograd.backward([tensor for tensor, _ in pairs], [grad for _, grad in pairs])
+
+
 def load_init_adapter(transformer: torch.nn.Module, folder: str) -> None:
     """Start every adapter (student, teacher, previous) from a saved one, once its LoRA layout is checked to be this
     round's."""
@@ -261,8 +316,20 @@ def checkpoint_dirs(output: Path) -> list[Path]:
     return sorted(complete, key=lambda p: int(p.name[len("step-") :]))
 
 
+def trained_adapters(transformer: torch.nn.Module) -> tuple[str, ...]:
+    """The LoRA adapters a checkpoint holds: student and teacher, or none in a round that learns only words."""
+    return (adapters.STUDENT, adapters.TEACHER) if adapters.adapter_names(transformer) else ()
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output: Path, step: int, transformer, optimizer, generators: dict, keep: int
+    accelerator: Accelerator,
+    output: Path,
+    step: int,
+    transformer,
+    words: WordEmbeddings | None,
+    optimizer,
+    generators: dict,
+    keep: int,
 ) -> None:
     """Write step-N into a temp folder, renamed when complete, then drop all but the newest `keep`.
     Adapters and optimizer are the same on every process; each process adds its own random generators."""
@@ -271,8 +338,10 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in (adapters.STUDENT, adapters.TEACHER):
+        for name in trained_adapters(transformer):
             save_file(adapters.adapter_state_dict(transformer, name), str(tmp / f"{name}.safetensors"))
+        if words is not None:
+            save_words(tmp, [words])
         # Plain tensors and numbers: torch.load(weights_only=True) reads them back without unpickling code.
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "step.json").write_text(json.dumps({"step": step}))
@@ -304,9 +373,15 @@ def keep_logged_until(output: Path, step: int) -> None:
     log.write_text("".join(kept))
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path, transformer, optimizer, generators: dict) -> int:
-    for name in (adapters.STUDENT, adapters.TEACHER):
+def load_checkpoint(
+    accelerator: Accelerator, folder: Path, transformer, words: WordEmbeddings | None, optimizer, generators: dict
+) -> int:
+    for name in trained_adapters(transformer):
         adapters.load_adapter_state(transformer, name, load_file(str(folder / f"{name}.safetensors")))
+    if words is not None:
+        saved = load_file(str(folder / WORD_EMBEDDINGS))
+        with torch.no_grad():
+            words.vectors.copy_(torch.stack([saved[word] for word in words.words]))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=True)
     for key, generator in generators.items():
@@ -366,33 +441,48 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     model.check_resolution(config.resolution, config.resolution)
     transformer = model.pipeline.transformer
     targets = config.targets_list() or list(model.default_lora_targets)
-    if config.init_adapter_fused:
+    starts_from_lora = init_lora(config)
+    if starts_from_lora and config.init_adapter_fused:
         fuse_init_adapter(transformer, config.init_adapter, targets)
     torch.manual_seed(config.seed)  # LoRA A init: identical on every process
-    adapters.add_student_teacher(
-        transformer,
-        config.lora_rank,
-        config.lora_alpha,
-        targets,
-        with_previous=taught < len(pool),
-    )
-    if config.init_adapter and not config.init_adapter_fused:
+    if config.lora_rank > 0:
+        adapters.add_student_teacher(
+            transformer,
+            config.lora_rank,
+            config.lora_alpha,
+            targets,
+            with_previous=taught < len(pool),
+        )
+    if starts_from_lora and not config.init_adapter_fused:
         load_init_adapter(transformer, config.init_adapter)
+    # Attached before the cache is built: the cached contexts (the caption-only teacher's) read the words as the round
+    # starts, with the starting adapter's.
+    words, attached_words = attach_words(model, config)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    lora_params = [p for p in transformer.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": lora_params}] if lora_params else []
+    if words is not None:
+        groups.append({"params": [words.vectors], "lr": config.word_lr})
+    trainable = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(
-        trainable, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
-    model.transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if lora_params:
+        model.transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    else:
+        # Nothing of the transformer learns: no distributed wrapper for it (the words' gradients are reduced by hand).
+        optimizer = accelerator.prepare(optimizer)
     pairs = adapters.adapter_pairs(transformer)
 
     with accelerator.main_process_first():
         cache = build_cache(model, config, pool, taught, device)
     if device.type == "cuda":
-        # Everything the round needs from the encoders is cached: give their memory to the transformer.
+        # Everything the round needs from the encoders is cached (but the text encoder's, when it learns words): give
+        # their memory to the transformer.
         for module in model.encoder_modules():
-            module.to("cpu")
+            if words is None or module is not model.pipeline.text_encoder:
+                module.to("cpu")
     sigmas = rollout_sigmas(model, config)
     rank_seed = config.seed * 1000 + accelerator.process_index
     generators = {
@@ -403,7 +493,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     step = 0
     existing = checkpoint_dirs(output)
     if existing:
-        step = load_checkpoint(accelerator, existing[-1], transformer, optimizer, generators)
+        step = load_checkpoint(accelerator, existing[-1], transformer, words, optimizer, generators)
         accelerator.print(f"resuming from {existing[-1]} (step {step})")
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -433,7 +523,11 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
             index = draw_batch(len(examples), sources, config.batch_size, generators["data"])
             latents = cache.latents[index]
             noise = torch.randn(latents.shape, generator=generators["noise"]).to(device)
-            student = [cache.student[i] for i in index]
+            if words is None:
+                student = [cache.student[i] for i in index]
+            else:
+                encoded = model.encode_student([pool[i].caption for i in index], differentiable=True)
+                student = [{k: v.detach().requires_grad_() for k, v in c.items()} for c in encoded]
             with accelerator.autocast():
                 if config.method == "dopsd":
                     teachers, teacher_contexts = teachers_of(config, cache, index, taught)
@@ -462,6 +556,8 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                     loss = sft_loss(model, student, latents, noise, sigma)
             if config.method == "sft" or not config.backward_per_step:
                 backward(loss / config.grad_accum, last_micro)
+            if words is not None:
+                carry_into_words(encoded, student)
             step_loss += float(loss.detach()) / config.grad_accum
         if not math.isfinite(step_loss):
             kept = checkpoint_dirs(output)
@@ -469,6 +565,8 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                 f"loss became {step_loss} at step {step + 1}; the round stopped. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none (no checkpoint was written yet)'}. Lower --lr or check the data."
             )
+        if words is not None and words.vectors.grad is not None and accelerator.num_processes > 1:
+            words.vectors.grad = accelerator.reduce(words.vectors.grad, reduction="mean")
         grad_norm = accelerator.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -485,14 +583,18 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
             if on_metrics:
                 on_metrics(step, metrics)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            save_checkpoint(accelerator, output, step, transformer, optimizer, generators, config.keep_checkpoints)
+            save_checkpoint(
+                accelerator, output, step, transformer, words, optimizer, generators, config.keep_checkpoints
+            )
     progress.close()
     accelerator.wait_for_everyone()
     adapter_dir = output / ADAPTER
-    if accelerator.is_main_process and config.init_adapter_fused:
+    if accelerator.is_main_process and config.lora_rank > 0 and starts_from_lora and config.init_adapter_fused:
         fresh = adapters.save_adapter(model, adapters.STUDENT, output / FRESH_ADAPTER)
         adapters.compose_adapters([config.init_adapter, fresh], adapter_dir)
-    elif accelerator.is_main_process:
+    elif accelerator.is_main_process and config.lora_rank > 0:
         adapters.save_adapter(model, adapters.STUDENT, adapter_dir)
+    if accelerator.is_main_process and attached_words:
+        save_words(adapter_dir, attached_words)
     accelerator.end_training()
     return adapter_dir

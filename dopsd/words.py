@@ -9,7 +9,8 @@ adapter cannot leak its concept onto prompts that do not name it, nor lose what 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
 
 
 class WordEmbeddings(torch.nn.Module):
-    """The learnt input embeddings of some words, starting from the text encoder's own, swapped in while attached."""
+    """The learnt input embeddings of some words, swapped in while attached. They start from what the encoder reads for
+    the words now: its own embeddings, or those of word embeddings attached before (a starting adapter's)."""
 
     def __init__(self, embedding: torch.nn.Embedding, token_ids: dict[str, int]):
         super().__init__()
@@ -45,7 +47,9 @@ class WordEmbeddings(torch.nn.Module):
         self.words = list(token_ids)
         self.token_ids = torch.tensor(list(token_ids.values()), device=embedding.weight.device)
         # float32 whatever the encoder's dtype: Adam's steps on a bf16 vector would round away.
-        self.vectors = torch.nn.Parameter(embedding.weight[self.token_ids].detach().clone().float())
+        with torch.no_grad():
+            start = embedding(self.token_ids)
+        self.vectors = torch.nn.Parameter(start.detach().clone().float())
         self.handle = embedding.register_forward_hook(self.swap)
 
     def swap(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -56,13 +60,6 @@ class WordEmbeddings(torch.nn.Module):
 
     def detach_from_encoder(self) -> None:
         self.handle.remove()
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / WORD_EMBEDDINGS
-        path.parent.mkdir(parents=True, exist_ok=True)
-        vectors = zip(self.words, self.vectors, strict=True)
-        save_file({word: vector.detach().contiguous().cpu() for word, vector in vectors}, path)
-        return path
 
     @classmethod
     def load(cls, folder: str | Path, embedding: torch.nn.Embedding, tokenizer) -> WordEmbeddings:
@@ -81,3 +78,30 @@ class WordEmbeddings(torch.nn.Module):
         with torch.no_grad():
             words.vectors.copy_(torch.stack([saved[word] for word in words.words]))
         return words
+
+
+def save_words(folder: str | Path, attached: Sequence[WordEmbeddings]) -> Path:
+    """Write every word of `attached` (in the order they were attached: a later one's vector for a word wins, as its
+    hook swaps in last) into the adapter folder."""
+    vectors = {word: v for words in attached for word, v in zip(words.words, words.vectors, strict=True)}
+    path = Path(folder) / WORD_EMBEDDINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({word: v.detach().contiguous().cpu() for word, v in vectors.items()}, str(path))
+    return path
+
+
+def holds_words(folder: str | Path) -> bool:
+    return (Path(folder) / WORD_EMBEDDINGS).is_file()
+
+
+@contextmanager
+def words_attached(pipeline, folder: str | Path | None) -> Iterator[WordEmbeddings | None]:
+    """The adapter's words attached to the pipeline's text encoder while inside (nothing when it holds none)."""
+    if folder is None or not holds_words(folder):
+        yield None
+        return
+    words = WordEmbeddings.load(folder, pipeline.text_encoder.get_input_embeddings(), pipeline.tokenizer)
+    try:
+        yield words
+    finally:
+        words.detach_from_encoder()

@@ -22,9 +22,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dopsd.adapters import use_adapter
+from dopsd.adapters import check_adapter_folder, holds_lora, use_adapter
 from dopsd.models.base import FewStepModel
 from dopsd.sampling import image_grid, sample_images
+from dopsd.words import words_attached
 from evaluation.clip import ClipModel, clip_score
 from evaluation.fid import FrechetDistance
 from evaluation.fidelity import ImageEmbedder, target_similarity
@@ -276,15 +277,19 @@ def run_suite(
 ) -> SuiteReport:
     """Sample every model on every prompt set once, score every metric, write `out/report.json` and the grids.
 
-    `adapters` maps model names to LoRA folders (None: the base); the baseline must be one of them.
+    `adapters` maps model names to adapter folders (None: the base); the baseline must be one of them. An adapter's
+    learnt words (`dopsd.words`) are attached while its prompts are encoded.
     """
     if config.baseline not in adapters:
         raise ValueError(f"baseline {config.baseline!r} is not among the models compared: {sorted(adapters)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, path in adapters.items():
+    for path in adapters.values():
         if path is not None:
-            model.pipeline.load_lora_weights(path, adapter_name=name)
+            check_adapter_folder(path)
+    loras = {name: path for name, path in adapters.items() if path is not None and holds_lora(path)}
+    for name, path in loras.items():
+        model.pipeline.load_lora_weights(path, adapter_name=name)
     total = len(adapters) * sum(len(s.records) for s in prompt_sets) * config.images_per_prompt
     bar = tqdm(total=total, desc="sampling and scoring", unit="img", disable=not progress)
     per_batch = max(1, config.batch // config.images_per_prompt)
@@ -293,7 +298,8 @@ def run_suite(
     grids, verdict_files = {}, {}
     intervals: dict[str, dict[str, list[float]]] = {name: {} for name in adapters}
     for prompt_set in prompt_sets:
-        contexts = model.encode_student([r["prompt"] for r in prompt_set.records])
+        prompts = [r["prompt"] for r in prompt_set.records]
+        base_contexts = model.encode_student(prompts)
         target_features = (
             {b: e.image_features(prompt_set.targets) for b, e in evaluators.embedders.items()}
             if prompt_set.targets
@@ -302,7 +308,9 @@ def run_suite(
         shown = min(config.grid_prompts, len(prompt_set.records))
         scores = {name: SampleScores() for name in adapters}
         for name, path in adapters.items():
-            with use_adapter(model.transformer, name if path is not None else None):
+            with words_attached(model.pipeline, path) as words:
+                contexts = base_contexts if words is None else model.encode_student(prompts)
+            with use_adapter(model.transformer, name if name in loras else None):
                 for start in range(0, len(contexts), per_batch):
                     records = prompt_set.records[start : start + per_batch]
                     images = sample_images(

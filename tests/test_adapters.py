@@ -8,6 +8,7 @@ import torch
 from dopsd import adapters
 from dopsd.models import ZImageModel, load_model
 from dopsd.preview import parse_seeds, pipeline_images
+from dopsd.words import WordEmbeddings, save_words, word_token_ids
 
 
 @pytest.fixture
@@ -185,3 +186,24 @@ def test_adapter_digest_names_the_weights_not_the_file_bytes(model, tmp_path):
     changed[-1] ^= 1  # one bit of the last weight
     saved.write_bytes(bytes(changed))
     assert adapters.adapter_digest(saved.parent) != adapters.adapter_digest(tmp_path / "reordered")
+
+
+def test_adapter_digest_covers_learnt_words(model, tmp_path):
+    embedding, tokenizer = model.pipeline.text_encoder.get_input_embeddings(), model.pipeline.tokenizer
+    star = WordEmbeddings(embedding, word_token_ids(tokenizer, ["star"]))
+    save_words(tmp_path / "words", [star])
+    unchanged = adapters.adapter_digest(tmp_path / "words")
+    save_words(tmp_path / "words", [star])
+    assert adapters.adapter_digest(tmp_path / "words") == unchanged
+    with torch.no_grad():
+        star.vectors[0, 0] += 1e-3
+    save_words(tmp_path / "words", [star])
+    assert adapters.adapter_digest(tmp_path / "words") != unchanged
+    star.detach_from_encoder()
+    # Beside a LoRA, the words count too.
+    lora = adapters.save_adapter(model, adapters.STUDENT, tmp_path / "both")
+    without_words = adapters.adapter_digest(lora)
+    save_words(lora, [star])
+    assert adapters.adapter_digest(lora) != without_words
+    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+        adapters.adapter_digest(tmp_path)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -17,6 +18,7 @@ from dopsd.config import make_config
 from dopsd.data import read_dataset
 from dopsd.demo import KEEP_THE_BASE
 from dopsd.sampling import NOISE_SCHEME
+from dopsd.words import WORD_EMBEDDINGS
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_science.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -484,3 +486,46 @@ def test_teacher_curation_refuses_a_pack_folder_whose_records_it_cannot_rebuild(
     config = nano_science.parse_args([f"--world={tiny_world}", f"--workdir={tmp_path}", "--teacher-curation=0.5"])
     with pytest.raises(SystemExit, match=f"{pack} was not written by `dopsd nano world`"):
         nano_science.pack_teacher_accuracy(config, "star", read_dataset(pack))
+
+
+def test_a_words_arm_keeps_every_prompt_without_its_words_as_the_base_drew_it(
+    tmp_path, tiny_nano_bootstrap, tiny_world
+):
+    out, work = tmp_path / "words.md", tmp_path / "work"
+    options = [
+        f"--model={tiny_nano_bootstrap.model_dir}",
+        f"--world={tiny_world}",
+        "--packs=star,teal",
+        "--arms=dopsd-pack-words",
+        "--seeds=0",
+        "--round-steps=2",
+        "--round-batch=2",
+        "--eval-steps=4",
+        "--eval-images=1",
+        "--reference-images=8",
+        "--continual-arms=dopsd-pack-words",
+        "--continual-premise=0",
+        f"--workdir={work}",
+        f"--out={out}",
+    ]
+    assert "learns word embeddings alone: +compose sums or pools LoRAs" in refusal(
+        *options, "--continual-arms=dopsd-pack-words+compose"
+    )
+    science_in_process(*options)
+    results = json.loads(out.with_suffix(".json").read_text())
+    for pack in ("star", "teal"):
+        metrics = results["packs"][pack]["metrics"]
+        # No base prompt names a pack's word: retention, leak and every family are the base's to the last digit.
+        same = [key for key in metrics if key in ("retention", "leak", "blank") or key.startswith("retention-")]
+        assert {"retention", "leak", "blank", "retention-two_object"} <= set(same)
+        assert all(metrics[key]["dopsd-pack-words"]["4"]["mean"] == metrics[key]["base"]["4"]["mean"] for key in same)
+    star = load_file(str(work / "rounds" / "star" / "dopsd-pack-words-s0" / "adapter" / WORD_EMBEDDINGS))
+    chained = work / "continual" / "dopsd-pack-words-s0" / "teal" / "adapter"
+    assert not (chained / LORA_WEIGHTS).exists()
+    words = load_file(str(chained / WORD_EMBEDDINGS))
+    assert sorted(words) == ["star", "stars", "teal"]
+    assert all(torch.equal(words[w], star[w]) for w in ("star", "stars"))  # the star round's words, as they were
+    continual = results["continual"]["dopsd-pack-words"]
+    retention = "retention/geneval/overall"
+    assert continual["teal"][retention] == results["continual"]["base"]["teal"][retention]
+    assert "dopsd-pack-words lr 0.01 on the pack's word embeddings alone" in out.read_text()

@@ -12,6 +12,7 @@ from dopsd import adapters
 from dopsd.cli import app
 from dopsd.data import DatasetError
 from dopsd.models import ZImageModel
+from dopsd.words import WordEmbeddings, save_words, word_token_ids
 from evaluation.networks import NetworkPaths, load_networks
 from evaluation.prompt_sets import concept_sets, first_per_task, read_images, read_prompts, retention_set
 from evaluation.suite import SuiteConfig, SuiteReport, run_suite
@@ -93,6 +94,24 @@ def test_a_candidate_adapter_moves_its_own_metrics_only(
     low, high = report.intervals["candidate"]["retention/geneval/overall"]
     assert low <= report.deltas["candidate"]["retention/geneval/overall"] <= high
     assert all(delta == 0 for delta in report.deltas["base"].values() if delta is not None)
+
+
+def test_a_words_adapter_moves_only_the_prompts_naming_its_words(tiny_zimage_path, prompt_sets, networks, tmp_path):
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    embedding, tokenizer = model.pipeline.text_encoder.get_input_embeddings(), model.pipeline.tokenizer
+    star = WordEmbeddings(embedding, word_token_ids(tokenizer, ["star"]))
+    with torch.no_grad():
+        star.vectors.normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+    folder = save_words(tmp_path / "words", [star]).parent
+    star.detach_from_encoder()
+    report = suite(tiny_zimage_path, {"base": None, "words": str(folder)}, prompt_sets, networks, tmp_path / "eval")
+    retention = {k: v for k, v in report.metrics["words"].items() if k.startswith("retention/")}
+    # No base prompt names the star: the words adapter samples them exactly as the base does.
+    assert retention == {k: v for k, v in report.metrics["base"].items() if k.startswith("retention/")}
+    assert abs(retention["retention/fid/baseline"]) < 1e-3
+    assert report.metrics["words"]["concept_new/fid/baseline"] > 1e-3  # every star prompt names it
+    with pytest.raises(FileNotFoundError, match="neither pytorch_lora_weights.safetensors nor word_embeddings"):
+        suite(tiny_zimage_path, {"base": None, "empty": str(tmp_path)}, prompt_sets, networks, tmp_path / "e2")
 
 
 def test_missing_networks_are_reported_with_reasons_never_as_numbers(tiny_zimage_path, prompt_sets, tmp_path):

@@ -17,7 +17,7 @@ from dopsd.adapters import LORA_WEIGHTS, read_adapter
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
 from dopsd.models import load_model
-from dopsd.preview import pipeline_images
+from dopsd.preview import pipeline_images, sample_grid
 from dopsd.train import (
     FRESH_ADAPTER,
     METRICS_LOG,
@@ -30,6 +30,7 @@ from dopsd.train import (
     teachers_of,
     train,
 )
+from dopsd.words import WORD_EMBEDDINGS
 from tests.conftest import write_dataset
 
 BIN = Path(sys.executable).parent
@@ -158,8 +159,66 @@ def test_a_round_starts_from_its_init_adapter(tmp_path, tiny_zimage_path, datase
                 tiny_zimage_path, dataset, tmp_path / "r2", lora_rank=2, lora_targets="to_q", init_adapter=str(first)
             )
         )
-    with pytest.raises(ValueError, match=f"init_adapter: .*first/{LORA_WEIGHTS}: no LoRA weights file"):
+    with pytest.raises(ValueError, match=f"init_adapter .*first: holds neither {LORA_WEIGHTS} nor {WORD_EMBEDDINGS}"):
         train(tiny_config(tiny_zimage_path, dataset, tmp_path / "r3", init_adapter=str(tmp_path / "first")))
+
+
+def base_embedding(model_path: str, word: str) -> torch.Tensor:
+    model = load_model(model_path, with_teacher_encoder=False)
+    token = model.pipeline.tokenizer(" " + word, add_special_tokens=False).input_ids[0]
+    return model.pipeline.text_encoder.get_input_embeddings().weight[token].detach()
+
+
+def test_a_words_round_learns_only_its_words_and_resumes_exactly(tmp_path, tiny_zimage_path, dataset):
+    words = {"lora_rank": 0, "learn_words": "blue", "checkpoint_every": 2, "log_every": 1}
+    straight = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "a", steps=4, **words))
+    assert sorted(p.name for p in straight.iterdir()) == [WORD_EMBEDDINGS]  # no LoRA: the transformer is the base
+    learnt = load_file(str(straight / WORD_EMBEDDINGS))
+    assert list(learnt) == ["blue"] and not torch.allclose(learnt["blue"], base_embedding(tiny_zimage_path, "blue"))
+    half = tmp_path / "b"
+    train(tiny_config(tiny_zimage_path, dataset, half, steps=2, **words))
+    resumed = load_file(str(train(tiny_config(tiny_zimage_path, dataset, half, steps=4, **words)) / WORD_EMBEDDINGS))
+    torch.testing.assert_close(resumed["blue"], learnt["blue"], rtol=1e-5, atol=1e-7)
+    grid = sample_grid(tiny_zimage_path, ["a blue box", "a red circle"], [0], 2, 32, adapter=str(straight))
+    base = sample_grid(tiny_zimage_path, ["a blue box", "a red circle"], [0], 2, 32)
+    # Rows are prompts: the words change the first, naming "blue", and leave the second as the base drew it.
+    crops = [(g.crop((0, 0, 32, 32)).tobytes(), g.crop((0, 32, 32, 64)).tobytes()) for g in (grid, base)]
+    assert crops[0][0] != crops[1][0] and crops[0][1] == crops[1][1]
+    with pytest.raises(ValueError, match="lora_rank.*0 with learn_words"):
+        tiny_config(tiny_zimage_path, dataset, tmp_path / "c", lora_rank=0)
+    with pytest.raises(ValueError, match="'blue box' is 2 tokens|'box' is"):
+        train(tiny_config(tiny_zimage_path, dataset, tmp_path / "d", lora_rank=0, learn_words="box"))
+
+
+def test_a_round_keeps_its_starting_words_and_adds_its_own(tmp_path, tiny_zimage_path, dataset):
+    first = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "first", steps=2, learn_words="blue"))
+    assert {p.name for p in first.iterdir()} == {LORA_WEIGHTS, WORD_EMBEDDINGS}  # words beside a LoRA
+    blue = load_file(str(first / WORD_EMBEDDINGS))["blue"]
+    circles = write_replay(tmp_path / "circles")
+    only_words = {"lora_rank": 0, "learn_words": "red", "steps": 2}
+    with pytest.raises(ValueError, match="holds a LoRA, and a round with lora_rank 0 would drop it"):
+        train(tiny_config(tiny_zimage_path, circles, tmp_path / "x", init_adapter=str(first), **only_words))
+    words_only = train(tiny_config(tiny_zimage_path, dataset, tmp_path / "w", lora_rank=0, learn_words="blue", steps=2))
+    second = train(
+        tiny_config(tiny_zimage_path, circles, tmp_path / "second", init_adapter=str(words_only), **only_words)
+    )
+    saved = load_file(str(second / WORD_EMBEDDINGS))
+    assert sorted(saved) == ["blue", "red"]
+    torch.testing.assert_close(saved["blue"], load_file(str(words_only / WORD_EMBEDDINGS))["blue"], rtol=0, atol=0)
+    assert not torch.allclose(saved["red"], base_embedding(tiny_zimage_path, "red"))
+    # Relearning a starting word starts from the starting adapter's vector: at lr 0 it ends there.
+    again = train(
+        tiny_config(
+            tiny_zimage_path,
+            dataset,
+            tmp_path / "again",
+            init_adapter=str(first),
+            learn_words="blue",
+            steps=1,
+            word_lr=0.0,
+        )
+    )
+    torch.testing.assert_close(load_file(str(again / WORD_EMBEDDINGS))["blue"], blue, rtol=0, atol=0)
 
 
 def test_a_fused_round_trains_a_fresh_lora_over_its_init_adapter_and_writes_their_sum(

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from dopsd.models import ZImageModel
-from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, word_token_ids
+from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, save_words, word_token_ids
 
 WITHOUT = ["a red circle left of a blue square", "two green triangles"]
 
@@ -63,7 +63,7 @@ def test_gradient_reaches_only_the_words_vectors(tiny_zimage_path):
 
 def test_saved_words_load_into_another_model_and_bad_files_are_refused(tmp_path, tiny_zimage_path):
     model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
-    attach_star(model, seed=3).save(tmp_path / "adapter")
+    save_words(tmp_path / "adapter", [attach_star(model, seed=3)])
     expected = features(model, ["a yellow star"])[0]
     fresh = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
     embedding, tokenizer = fresh.pipeline.text_encoder.get_input_embeddings(), fresh.pipeline.tokenizer
