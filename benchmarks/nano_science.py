@@ -105,6 +105,9 @@ ADAPTER_PLACES = {
 TEXT_PATH_DOPSD = {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3}
 PACK_WORDS = "<the pack's words>"
 """`learn_words` of an arm that learns the words a pack teaches (its word, and a shape's plural), filled in per pack."""
+PACK_WORDS_DOPSD = {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS}
+"""D-OPSD on the pack's word embeddings alone. No LoRA: the base itself is the teacher, and a prompt without the
+pack's words is the base's bit for bit."""
 """The nano preset's recipe as an arm: D-OPSD, EMA teacher, the text path at lr 2e-3 (its variants add to it)."""
 ARMS: dict[str, dict] = {
     name: {"lora_targets": EVERY_LAYER, "lr": 5e-4, **overrides}
@@ -138,8 +141,8 @@ ARMS: dict[str, dict] = {
         "dopsd-base-teacher-text-path-lr2e-3": TEXT_PATH_DOPSD | {"teacher": "base"},
         "dopsd-base-teacher-top-means": {"method": "dopsd", "teacher": "base", "top_state_means": 1.0},
         "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
-        # No LoRA: the base itself is the teacher, and a prompt without the pack's words is the base's bit for bit.
-        "dopsd-pack-words": {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS},
+        "dopsd-pack-words": PACK_WORDS_DOPSD,
+        "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
