@@ -576,6 +576,23 @@ def test_klein_round_writes_an_adapter_its_pipeline_loads(tmp_path, tiny_klein_p
     pipe.load_lora_weights(str(adapter))
     after = pipeline_images(pipe, ["a blue box"], [0], 4, 32, kwargs)[0]
     assert abs(after - before).max() > 1e-4
+    # A round of words alone on FLUX.2-klein: its Qwen3 text encoder takes them as Z-Image's does.
+    words = train(
+        tiny_config(
+            tiny_klein_path,
+            dataset,
+            tmp_path / "words",
+            steps=2,
+            text_encoder_layers="1,2,3",
+            lora_rank=0,
+            learn_words="blue",
+            family="auto",
+        )
+    )
+    assert sorted(p.name for p in words.iterdir()) == [WORD_EMBEDDINGS]
+    grid = sample_grid(tiny_klein_path, ["a blue box"], [0], 4, 32, adapter=str(words), text_encoder_layers="1,2,3")
+    base = sample_grid(tiny_klein_path, ["a blue box"], [0], 4, 32, text_encoder_layers="1,2,3")
+    assert grid.tobytes() != base.tobytes()
 
 
 def test_bf16_autocast_and_gradient_checkpointing(tmp_path, tiny_zimage_path, dataset):
