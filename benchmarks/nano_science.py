@@ -61,13 +61,14 @@ from dopsd.nano.bootstrap import default_device, machine_description, task_proba
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import (
     PACK_BY_NAME,
+    ConceptPack,
     NegativeWords,
     caption_negatives,
     counterfactual_words,
     training_items,
     write_counterfactuals,
 )
-from dopsd.nano.scenes import iterate_items, read_jsonl
+from dopsd.nano.scenes import NEUTRAL_WORD, iterate_items, plural, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
@@ -105,6 +106,10 @@ ADAPTER_PLACES = {
 TEXT_PATH_DOPSD = {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3}
 PACK_WORDS = "<the pack's words>"
 """`learn_words` of an arm that learns the words a pack teaches (its word, and a shape's plural), filled in per pack."""
+PACK_WORDS_FROM_NEUTRAL = "<the pack's words, a shape's from the neutral word>"
+"""`learn_words` as PACK_WORDS, but a shape's words start from the embeddings of the base world's word for a shape it
+does not name (`NEUTRAL_WORD`, "object": the base learnt it on unnamed shapes, the star among them); a colour's or a
+texture's from their own."""
 PACK_WORDS_DOPSD = {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS}
 """D-OPSD on the pack's word embeddings alone. No LoRA: the base itself is the teacher, and a prompt without the
 pack's words is the base's bit for bit."""
@@ -143,6 +148,7 @@ ARMS: dict[str, dict] = {
         "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
         "dopsd-pack-words": PACK_WORDS_DOPSD,
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
+        "dopsd-pack-words-from-neutral": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_NEUTRAL},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
@@ -541,8 +547,7 @@ def round_config(
         replay.append(counterfactual_folder(config, pack))
         ratio += config.counterfactual_ratio
     replay_overrides = REPLAY_SUFFIXES[suffix] if suffix and replay else {}
-    words = ARMS[arm].get("learn_words")
-    pack_words = {"learn_words": ",".join(counterfactual_words(PACK_BY_NAME[pack]))} if words == PACK_WORDS else {}
+    pack_words = {"learn_words": arm_words(ARMS[arm].get("learn_words", ""), PACK_BY_NAME[pack])}
     negatives = (
         caption_negatives(PACK_BY_NAME[pack], config.caption_negative_words)
         if config.caption_negative_ratio > 0
@@ -571,6 +576,18 @@ def round_config(
         negative_ratio=config.caption_negative_ratio,
         **({"steps": config.round_steps or None} | ARMS[arm] | pack_words | replay_overrides | later_round),
     )
+
+
+def arm_words(learn_words: str, pack: ConceptPack) -> str:
+    """An arm's `learn_words` for a pack's round: the pack's words where the arm says so (`PACK_WORDS`,
+    `PACK_WORDS_FROM_NEUTRAL`), else as the arm gives it."""
+    words = list(counterfactual_words(pack))
+    if learn_words == PACK_WORDS:
+        return ",".join(words)
+    if learn_words == PACK_WORDS_FROM_NEUTRAL:
+        starts = {pack.word: NEUTRAL_WORD, plural(pack.word): plural(NEUTRAL_WORD)} if pack.kind == "shape" else {}
+        return ",".join(f"{word}={starts[word]}" if word in starts else word for word in words)
+    return learn_words
 
 
 def replay_shares(train_config: TrainConfig) -> dict[str, float]:

@@ -107,7 +107,8 @@ class TrainConfig:
     """Comma-separated module-name suffixes to adapt (empty: the family's attention + feed-forward layers)."""
     learn_words: str = ""
     """Comma-separated caption words whose input embeddings in the text encoder the round learns (textual inversion,
-    dopsd/words.py), each a token of its own in the tokenizer; the round's adapter holds them beside its LoRA. The
+    dopsd/words.py), each a token of its own in the tokenizer, `word=start` to start it from another word's embedding
+    (e.g. `star=object`; default: its own); the round's adapter holds them beside its LoRA. The
     student encodes its captions afresh each step with them; the teacher's context is encoded once as the round
     starts (on Z-Image by the Qwen3-VL encoder, which reads the base's embeddings: the concept reaches it through the
     image). With lora_rank 0 they are all the round learns, and a prompt without them is the base's bit for bit:
@@ -171,6 +172,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.init_adapter_fused and not self.init_adapter:
             raise ValueError("config field 'init_adapter_fused': fuses init_adapter, which is empty")
+        self.words_to_learn()  # a malformed learn_words fails here, not after the model is loaded
         if self.lora_rank < 0 or (self.lora_rank == 0 and not self.learn_words):
             raise ValueError(
                 f"config field 'lora_rank': must be > 0, or 0 with learn_words (a round must learn something), "
@@ -192,8 +194,15 @@ class TrainConfig:
     def replay_folders(self) -> list[str]:
         return comma_separated(self.replay_data)
 
-    def words_list(self) -> list[str]:
-        return comma_separated(self.learn_words)
+    def words_to_learn(self) -> dict[str, str]:
+        """`learn_words` as word -> the word its embedding starts from (itself unless named)."""
+        pairs = {}
+        for item in comma_separated(self.learn_words):
+            word, _, start = (part.strip() for part in item.partition("="))
+            if not word or " " in word or " " in start:
+                raise ValueError(f"learn_words: {item!r} is not a word or a `word=start` pair of words")
+            pairs[word] = start or word
+        return pairs
 
     def negative_pairs(self) -> dict[str, str]:
         """`caption_negatives` as word (lower case) -> replacement."""

@@ -262,8 +262,10 @@ def attach_words(model: FewStepModel, config: TrainConfig) -> tuple[WordEmbeddin
         starting.vectors.requires_grad_(False)
         attached.append(starting)
     learnt = None
-    if config.words_list():
-        learnt = WordEmbeddings(embedding, word_token_ids(tokenizer, config.words_list()))
+    words = config.words_to_learn()
+    if words:
+        starts = word_token_ids(tokenizer, list(words.values()))
+        learnt = WordEmbeddings(embedding, word_token_ids(tokenizer, list(words)), [starts[s] for s in words.values()])
         attached.append(learnt)
     return learnt, attached
 

@@ -38,17 +38,21 @@ def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
 
 class WordEmbeddings(torch.nn.Module):
     """The learnt input embeddings of some words, swapped in while attached. They start from what the encoder reads for
-    the words now: its own embeddings, or those of word embeddings attached before (a starting adapter's)."""
+    the words now (its own embeddings, or those of word embeddings attached before: a starting adapter's), or for the
+    tokens of `start_ids`, one per word (textual inversion starts a new word from a coarse one it is a kind of)."""
 
-    def __init__(self, embedding: torch.nn.Embedding, token_ids: dict[str, int]):
+    def __init__(self, embedding: torch.nn.Embedding, token_ids: dict[str, int], start_ids: Sequence[int] = ()):
         super().__init__()
         if not token_ids:
             raise ValueError("no words to learn")
         self.words = list(token_ids)
         self.token_ids = torch.tensor(list(token_ids.values()), device=embedding.weight.device)
         # float32 whatever the encoder's dtype: Adam's steps on a bf16 vector would round away.
+        if start_ids and len(start_ids) != len(token_ids):
+            raise ValueError(f"{len(start_ids)} start tokens for {len(token_ids)} words")
+        starts = torch.tensor(list(start_ids), device=embedding.weight.device) if start_ids else self.token_ids
         with torch.no_grad():
-            start = embedding(self.token_ids)
+            start = embedding(starts)
         self.vectors = torch.nn.Parameter(start.detach().clone().float())
         self.handle = embedding.register_forward_hook(self.swap)
 

@@ -529,3 +529,13 @@ def test_a_words_arm_keeps_every_prompt_without_its_words_as_the_base_drew_it(
     retention = "retention/geneval/overall"
     assert continual["teal"][retention] == results["continual"]["base"]["teal"][retention]
     assert "dopsd-pack-words lr 0.01 on the pack's word embeddings alone" in out.read_text()
+
+
+def test_a_words_arm_learns_the_words_of_its_pack():
+    from dopsd.nano.packs import PACK_BY_NAME
+
+    star, teal = PACK_BY_NAME["star"], PACK_BY_NAME["teal"]
+    assert nano_science.arm_words(nano_science.PACK_WORDS, star) == "star,stars"
+    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_NEUTRAL, star) == "star=object,stars=objects"
+    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_NEUTRAL, teal) == "teal"
+    assert nano_science.arm_words("", teal) == ""  # a LoRA arm learns no words

@@ -219,6 +219,14 @@ def test_a_round_keeps_its_starting_words_and_adds_its_own(tmp_path, tiny_zimage
         )
     )
     torch.testing.assert_close(load_file(str(again / WORD_EMBEDDINGS))["blue"], blue, rtol=0, atol=0)
+    # A word may start from another's embedding: at lr 0, "red" ends as the base's "blue".
+    from_blue = train(
+        tiny_config(tiny_zimage_path, circles, tmp_path / "from-blue", learn_words="red=blue", steps=1, word_lr=0.0)
+    )
+    red = load_file(str(from_blue / WORD_EMBEDDINGS))["red"]
+    torch.testing.assert_close(red, base_embedding(tiny_zimage_path, "blue"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="learn_words: 'red=dark blue' is not a word or a `word=start` pair"):
+        tiny_config(tiny_zimage_path, circles, tmp_path / "y", learn_words="red=dark blue")
 
 
 def test_a_fused_round_trains_a_fresh_lora_over_its_init_adapter_and_writes_their_sum(
