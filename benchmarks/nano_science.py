@@ -60,6 +60,7 @@ from dopsd.models.zimage import ZImageModel
 from dopsd.nano.bootstrap import default_device, machine_description, task_probabilities, write_world_replay
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import (
+    COUNTERFACTUAL_VALUE,
     PACK_BY_NAME,
     ConceptPack,
     NegativeWords,
@@ -106,10 +107,11 @@ ADAPTER_PLACES = {
 TEXT_PATH_DOPSD = {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3}
 PACK_WORDS = "<the pack's words>"
 """`learn_words` of an arm that learns the words a pack teaches (its word, and a shape's plural), filled in per pack."""
-PACK_WORDS_FROM_NEUTRAL = "<the pack's words, a shape's from the neutral word>"
-"""`learn_words` as PACK_WORDS, but a shape's words start from the embeddings of the base world's word for a shape it
-does not name (`NEUTRAL_WORD`, "object": the base learnt it on unnamed shapes, the star among them); a colour's or a
-texture's from their own."""
+PACK_WORDS_FROM_KIN = "<the pack's words, each from a base word of its kind>"
+"""`learn_words` as PACK_WORDS, but starting from the embedding of a word the base knows for the same kind of thing,
+as textual inversion starts from a coarse class word: a shape's from the base world's word for shapes it does not
+name (`NEUTRAL_WORD`, "object": the base learnt it on unnamed shapes, the star among them), a colour's from the base
+colour its counterfactuals put in its place ("blue"); a texture's from its own (the base names no texture)."""
 PACK_WORDS_DOPSD = {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS}
 """D-OPSD on the pack's word embeddings alone. No LoRA: the base itself is the teacher, and a prompt without the
 pack's words is the base's bit for bit."""
@@ -148,7 +150,7 @@ ARMS: dict[str, dict] = {
         "dopsd-base-teacher-top-means4": {"method": "dopsd", "teacher": "base", "top_state_means": 4.0},
         "dopsd-pack-words": PACK_WORDS_DOPSD,
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
-        "dopsd-pack-words-from-neutral": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_NEUTRAL},
+        "dopsd-pack-words-from-kin": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
@@ -580,13 +582,16 @@ def round_config(
 
 def arm_words(learn_words: str, pack: ConceptPack) -> str:
     """An arm's `learn_words` for a pack's round: the pack's words where the arm says so (`PACK_WORDS`,
-    `PACK_WORDS_FROM_NEUTRAL`), else as the arm gives it."""
+    `PACK_WORDS_FROM_KIN`), else as the arm gives it."""
     words = list(counterfactual_words(pack))
     if learn_words == PACK_WORDS:
         return ",".join(words)
-    if learn_words == PACK_WORDS_FROM_NEUTRAL:
-        starts = {pack.word: NEUTRAL_WORD, plural(pack.word): plural(NEUTRAL_WORD)} if pack.kind == "shape" else {}
-        return ",".join(f"{word}={starts[word]}" if word in starts else word for word in words)
+    if learn_words == PACK_WORDS_FROM_KIN:
+        kin = {
+            "shape": {pack.word: NEUTRAL_WORD, plural(pack.word): plural(NEUTRAL_WORD)},
+            "colour": {pack.word: COUNTERFACTUAL_VALUE["colour"]},
+        }.get(pack.kind, {})
+        return ",".join(f"{word}={kin[word]}" if word in kin else word for word in words)
     return learn_words
 
 

@@ -536,6 +536,7 @@ def test_a_words_arm_learns_the_words_of_its_pack():
 
     star, teal = PACK_BY_NAME["star"], PACK_BY_NAME["teal"]
     assert nano_science.arm_words(nano_science.PACK_WORDS, star) == "star,stars"
-    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_NEUTRAL, star) == "star=object,stars=objects"
-    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_NEUTRAL, teal) == "teal"
+    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_KIN, star) == "star=object,stars=objects"
+    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_KIN, teal) == "teal=blue"
+    assert nano_science.arm_words(nano_science.PACK_WORDS_FROM_KIN, PACK_BY_NAME["striped"]) == "striped"
     assert nano_science.arm_words("", teal) == ""  # a LoRA arm learns no words
