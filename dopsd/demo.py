@@ -36,6 +36,23 @@ and 0.415 / 0.425 / 0.446 (reports/nano_science_text_path_caption_negatives_drop
 reports/nano_science_text_path_caption_negatives.md; reports/nano_science.md)."""
 
 
+def keep_the_base(pack_words: str, replay: Path, overrides: dict) -> dict:
+    """The demo round's fields that keep what the base draws (`KEEP_THE_BASE`, the caption negatives dropping
+    `pack_words`, the world renders in `replay`), less what `overrides` turns off: a source set to 0 goes with its data
+    and the anchor without any source to hold, so that `--set replay_ratio=0` is all it takes. A round of words alone
+    (`lora_rank` 0) keeps nothing: it cannot change a prompt that does not name them."""
+    if overrides.get("lora_rank") == 0:
+        return {}
+    fields: dict = {"caption_negatives": pack_words, "replay_data": str(replay), **KEEP_THE_BASE}
+    if overrides.get("replay_ratio") == 0:
+        fields = {k: v for k, v in fields.items() if k not in ("replay_data", "replay_ratio", "replay_teacher")}
+    if overrides.get("negative_ratio") == 0:
+        fields = {k: v for k, v in fields.items() if k not in ("caption_negatives", "negative_ratio")}
+    if "replay_data" not in fields and "caption_negatives" not in fields:
+        fields.pop("anchor_layout")
+    return fields
+
+
 def run_nano_demo(
     workdir: Path,
     model: str,
@@ -65,8 +82,7 @@ def run_nano_demo(
     }
     nano_pack = PACK_BY_NAME.get(pack)
     if nano_pack is not None:
-        replay = write_world_replay(workdir / "replay")
-        fields |= {"caption_negatives": caption_negatives(nano_pack), "replay_data": str(replay), **KEEP_THE_BASE}
+        fields |= keep_the_base(caption_negatives(nano_pack), write_world_replay(workdir / "replay"), overrides or {})
     # An override wins over the demo's own fields (--set steps=600 over --steps).
     config = make_config("nano", **(fields | (overrides or {})))
     losses: list[float] = []

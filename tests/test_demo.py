@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from dopsd.config import make_config
+from dopsd.demo import KEEP_THE_BASE, keep_the_base
+from dopsd.train import read_replay
 
 DOPSD = Path(sys.executable).parent / "dopsd"
 
@@ -58,3 +60,15 @@ def test_demo_names_a_missing_nano_model_and_how_to_build_it(tmp_path):
 def test_demo_names_a_bad_override(tmp_path):
     assert "config field 'lr': bad value 'fast'" in demo_error(f"--workdir={tmp_path}", "--set", "lr=fast")
     assert "bad override 'speed=2'" in demo_error(f"--workdir={tmp_path}", "--set", "speed=2")
+
+
+def test_turning_off_a_way_of_keeping_the_base_takes_its_data_with_it(tmp_path):
+    kept = keep_the_base("star=,stars=", tmp_path, {})
+    assert kept == {"caption_negatives": "star=,stars=", "replay_data": str(tmp_path), **KEEP_THE_BASE}
+    no_replay = keep_the_base("star=,stars=", tmp_path, {"replay_ratio": 0.0})
+    assert set(no_replay) == {"caption_negatives", "negative_ratio", "anchor_layout"}
+    overrides = {"replay_ratio": 0.0, "negative_ratio": 0.0, "anchor_layout": 0.0}
+    assert keep_the_base("star=,stars=", tmp_path, overrides) == {}
+    # What is left is a round train() accepts: a replay ratio of 0 with no replay folder, no teacher that needs one.
+    read_replay(make_config("nano", data=str(tmp_path), **(no_replay | {"replay_ratio": 0.0})))
+    assert keep_the_base("star=,stars=", tmp_path, {"lora_rank": 0, "learn_words": "star"}) == {}
