@@ -47,12 +47,12 @@ class WordEmbeddings(torch.nn.Module):
             raise ValueError("no words to learn")
         self.words = list(token_ids)
         self.token_ids = torch.tensor(list(token_ids.values()), device=embedding.weight.device)
-        # float32 whatever the encoder's dtype: Adam's steps on a bf16 vector would round away.
         if start_ids and len(start_ids) != len(token_ids):
             raise ValueError(f"{len(start_ids)} start tokens for {len(token_ids)} words")
         starts = torch.tensor(list(start_ids), device=embedding.weight.device) if start_ids else self.token_ids
         with torch.no_grad():
             start = embedding(starts)
+        # float32 whatever the encoder's dtype: Adam's steps on a bf16 vector would round away.
         self.vectors = torch.nn.Parameter(start.detach().clone().float())
         self.handle = embedding.register_forward_hook(self.swap)
 
