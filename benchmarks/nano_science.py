@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, holds_lora, use_adapter
+from dopsd.adapters import LORA_WEIGHTS, adapter_digest, compose_adapters, load_lora_if_any, use_adapter
 from dopsd.config import TrainConfig, comma_separated, make_config, parse_dataclass_args
 from dopsd.data import Example, image_files, read_dataset
 from dopsd.models import load_model
@@ -866,9 +866,7 @@ def premise_under(config: ScienceConfig, evaluation: Evaluation, adapters: dict[
         return
     model = ZImageModel.load(config.model, max_caption_tokens=NANO_CAPTION_TOKENS)
     for name, path in adapters.items():
-        lora = path is not None and holds_lora(path)
-        if lora:
-            model.pipeline.load_lora_weights(path, adapter_name=name)
+        lora = path is not None and load_lora_if_any(model.pipeline, path, name)
         with use_adapter(model.transformer, name if lora else None), words_attached(model.pipeline, path):
             premise = {
                 pack: teacher_premise(

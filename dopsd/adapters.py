@@ -194,6 +194,16 @@ def check_adapter_folder(folder: str | Path) -> None:
         )
 
 
+def load_lora_if_any(pipeline, folder: str | Path, adapter_name: str | None = None) -> bool:
+    """Load an adapter folder's LoRA into the pipeline (under `adapter_name`), if it holds one: it may hold learnt
+    words alone (attached with `dopsd.words.words_attached`). Whether it did."""
+    check_adapter_folder(folder)
+    if not holds_lora(folder):
+        return False
+    pipeline.load_lora_weights(str(folder), **({"adapter_name": adapter_name} if adapter_name else {}))
+    return True
+
+
 def adapter_digest(folder: str | Path) -> str:
     """SHA-256 of an adapter's weights, LoRA config and learnt words: the identity of what it does, not of its files'
     bytes. safetensors writes the header's metadata in an order that changes from process to process, so the same

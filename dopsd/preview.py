@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from dopsd.adapters import check_adapter_folder, holds_lora
+from dopsd.adapters import load_lora_if_any
 from dopsd.config import comma_separated
 from dopsd.models import load_model
 from dopsd.sampling import image_grid
@@ -65,9 +65,7 @@ def sample_grid(
     model = load_model(model_path, family, text_encoder_layers=layers, with_teacher_encoder=False)
     model.check_resolution(resolution, resolution)
     if adapter:
-        check_adapter_folder(adapter)
-        if holds_lora(adapter):
-            model.pipeline.load_lora_weights(adapter)
+        load_lora_if_any(model.pipeline, adapter)
     extra = {**model.pipeline_kwargs(), "guidance_scale": guidance}
     with words_attached(model.pipeline, adapter):
         images = pipeline_images(model.pipeline, prompts, seeds, steps, resolution, extra)

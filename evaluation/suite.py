@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dopsd.adapters import check_adapter_folder, holds_lora, use_adapter
+from dopsd.adapters import load_lora_if_any, use_adapter
 from dopsd.models.base import FewStepModel
 from dopsd.sampling import image_grid, sample_images
 from dopsd.words import words_attached
@@ -284,12 +284,9 @@ def run_suite(
         raise ValueError(f"baseline {config.baseline!r} is not among the models compared: {sorted(adapters)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in adapters.values():
-        if path is not None:
-            check_adapter_folder(path)
-    loras = {name: path for name, path in adapters.items() if path is not None and holds_lora(path)}
-    for name, path in loras.items():
-        model.pipeline.load_lora_weights(path, adapter_name=name)
+    loras = {
+        name for name, path in adapters.items() if path is not None and load_lora_if_any(model.pipeline, path, name)
+    }
     total = len(adapters) * sum(len(s.records) for s in prompt_sets) * config.images_per_prompt
     bar = tqdm(total=total, desc="sampling and scoring", unit="img", disable=not progress)
     per_batch = max(1, config.batch // config.images_per_prompt)
