@@ -237,7 +237,7 @@ def init_lora(config: TrainConfig) -> bool:
     LoRA of its own cannot carry one on."""
     if not config.init_adapter:
         return False
-    if not (Path(config.init_adapter) / adapters.LORA_WEIGHTS).is_file():
+    if not adapters.holds_lora(config.init_adapter):
         if not holds_words(config.init_adapter):
             raise ValueError(
                 f"init_adapter {config.init_adapter}: holds neither {adapters.LORA_WEIGHTS} nor {WORD_EMBEDDINGS}; "
