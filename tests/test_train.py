@@ -570,6 +570,11 @@ def test_accelerate_launch_two_processes(tmp_path, tiny_zimage_path, dataset):
     final = checkpoint_dirs(out)[-1]
     assert (final / "rng-0.pt").is_file() and (final / "rng-1.pt").is_file()
     assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    # Words alone: no distributed wrapper around a transformer that learns nothing, the words' gradient reduced by hand.
+    words = run([*result.args, "--output", str(tmp_path / "words"), "--lora-rank", "0", "--learn-words", "blue"])
+    assert words.returncode == 0, words.stderr[-3000:]
+    learnt = load_file(str(tmp_path / "words" / "adapter" / WORD_EMBEDDINGS))["blue"]
+    assert not torch.allclose(learnt, base_embedding(tiny_zimage_path, "blue"))
 
 
 def test_klein_round_writes_an_adapter_its_pipeline_loads(tmp_path, tiny_klein_path, dataset):
