@@ -105,6 +105,7 @@ ADAPTER_PLACES = {
     TEXT_PATH_PER_TOKEN: "the text path's per-token layers (caption embedder, refiner feed-forward)",
 }
 TEXT_PATH_DOPSD = {"method": "dopsd", "teacher": "ema", "lora_targets": TEXT_PATH, "lr": 2e-3}
+"""The nano preset's recipe as an arm: D-OPSD, EMA teacher, the text path at lr 2e-3 (its variants add to it)."""
 PACK_WORDS = "<the pack's words>"
 """`learn_words` of an arm that learns the words a pack teaches (its word, and a shape's plural), filled in per pack."""
 PACK_WORDS_FROM_KIN = "<the pack's words, each from a base word of its kind>"
@@ -115,7 +116,6 @@ colour its counterfactuals put in its place ("blue"); a texture's from its own (
 PACK_WORDS_DOPSD = {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS}
 """D-OPSD on the pack's word embeddings alone. No LoRA: the base itself is the teacher, and a prompt without the
 pack's words is the base's bit for bit."""
-"""The nano preset's recipe as an arm: D-OPSD, EMA teacher, the text path at lr 2e-3 (its variants add to it)."""
 ARMS: dict[str, dict] = {
     name: {"lora_targets": EVERY_LAYER, "lr": 5e-4, **overrides}
     for name, overrides in {

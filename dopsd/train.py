@@ -381,9 +381,7 @@ def load_checkpoint(
     for name in trained_adapters(transformer):
         adapters.load_adapter_state(transformer, name, load_file(str(folder / f"{name}.safetensors")))
     if words is not None:
-        saved = load_file(str(folder / WORD_EMBEDDINGS))
-        with torch.no_grad():
-            words.vectors.copy_(torch.stack([saved[word] for word in words.words]))
+        words.set_vectors(load_file(str(folder / WORD_EMBEDDINGS)))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=True)
     for key, generator in generators.items():
@@ -591,7 +589,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
     progress.close()
     accelerator.wait_for_everyone()
     adapter_dir = output / ADAPTER
-    if accelerator.is_main_process and config.lora_rank > 0 and starts_from_lora and config.init_adapter_fused:
+    if accelerator.is_main_process and starts_from_lora and config.init_adapter_fused:
         fresh = adapters.save_adapter(model, adapters.STUDENT, output / FRESH_ADAPTER)
         adapters.compose_adapters([config.init_adapter, fresh], adapter_dir)
     elif accelerator.is_main_process and config.lora_rank > 0:

@@ -79,9 +79,13 @@ class WordEmbeddings(torch.nn.Module):
                 f"{path}: embeddings of another width than this text encoder's [{width}]: {', '.join(wrong)}"
             )
         words = cls(embedding, word_token_ids(tokenizer, list(saved)))
-        with torch.no_grad():
-            words.vectors.copy_(torch.stack([saved[word] for word in words.words]))
+        words.set_vectors(saved)
         return words
+
+    @torch.no_grad()
+    def set_vectors(self, saved: dict[str, torch.Tensor]) -> None:
+        """Take each word's vector from `saved` (word -> vector, as `save_words` writes them)."""
+        self.vectors.copy_(torch.stack([saved[word] for word in self.words]))
 
 
 def save_words(folder: str | Path, attached: Sequence[WordEmbeddings]) -> Path:
