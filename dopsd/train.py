@@ -5,9 +5,10 @@ is checked before the first step. Contexts and latents are computed once per sam
 teacher's VLM encoding is the expensive part, and a resumed round reuses them. A checkpoint holds everything needed
 to continue exactly: both adapters, the learnt words, the optimizer, the step, and the random generators.
 
-A round that learns words (`learn_words`) encodes the drawn captions afresh each step instead: their contexts enter the
-loss as leaves, and what the loss sends them is carried back through the text encoder into the words once the
-roll-out is done (`carry_into_words`), so the per-step backwards of the roll-out stay as they are.
+A round that learns words (`learn_words`) encodes the drawn captions that name them afresh each step instead (any other
+caption's context is the cached one, bit for bit): their contexts enter the loss as leaves, and what the loss sends them
+is carried back through the text encoder into the words once the roll-out is done (`carry_into_words`), so the per-step
+backwards of the roll-out stay as they are.
 """
 
 from __future__ import annotations
@@ -477,6 +478,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
 
     with accelerator.main_process_first():
         cache = build_cache(model, config, pool, taught, device)
+    names_learnt = [words is not None and words.named_in(model.pipeline.tokenizer, e.caption) for e in pool]
     if device.type == "cuda":
         # Everything the round needs from the encoders is cached (but the text encoder's, when it learns words): give
         # their memory to the transformer.
@@ -523,11 +525,18 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
             index = draw_batch(len(examples), sources, config.batch_size, generators["data"])
             latents = cache.latents[index]
             noise = torch.randn(latents.shape, generator=generators["noise"]).to(device)
-            if words is None:
-                student = [cache.student[i] for i in index]
-            else:
-                encoded = model.encode_student([pool[i].caption for i in index], differentiable=True)
-                student = [{k: v.detach().requires_grad_() for k, v in c.items()} for c in encoded]
+            student = [cache.student[i] for i in index]
+            # Only a caption naming a learnt word has a context that moves with the words: the cache holds the rest.
+            naming = [p for p, i in enumerate(index) if names_learnt[i]]
+            encoded = (
+                model.encode_student([pool[index[p]].caption for p in naming], differentiable=True) if naming else []
+            )
+            for p, context in zip(naming, encoded, strict=True):
+                student[p] = context
+            if words is not None:
+                # Every context a leaf, so that a batch naming no learnt word still has a loss to backward (with no
+                # LoRA, nothing else of it learns).
+                student = [{k: v.detach().requires_grad_() for k, v in c.items()} for c in student]
             with accelerator.autocast():
                 if config.method == "dopsd":
                     teachers, teacher_contexts = teachers_of(config, cache, index, taught)
@@ -556,8 +565,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                     loss = sft_loss(model, student, latents, noise, sigma)
             if config.method == "sft" or not config.backward_per_step:
                 backward(loss / config.grad_accum, last_micro)
-            if words is not None:
-                carry_into_words(encoded, student)
+            carry_into_words(encoded, [student[p] for p in naming])
             step_loss += float(loss.detach()) / config.grad_accum
         if not math.isfinite(step_loss):
             kept = checkpoint_dirs(output)
@@ -565,8 +573,10 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
                 f"loss became {step_loss} at step {step + 1}; the round stopped. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none (no checkpoint was written yet)'}. Lower --lr or check the data."
             )
-        if words is not None and words.vectors.grad is not None and accelerator.num_processes > 1:
-            words.vectors.grad = accelerator.reduce(words.vectors.grad, reduction="mean")
+        if words is not None and accelerator.num_processes > 1:
+            # Every process joins the reduction, one whose captions named no learnt word with a zero gradient.
+            grad = words.vectors.grad if words.vectors.grad is not None else torch.zeros_like(words.vectors)
+            words.vectors.grad = accelerator.reduce(grad, reduction="mean")
         grad_norm = accelerator.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -62,6 +62,10 @@ class WordEmbeddings(torch.nn.Module):
         # where, not a sum of deltas: every other token keeps its embedding exactly.
         return torch.where(match.any(-1, keepdim=True), learnt, output)
 
+    def named_in(self, tokenizer, text: str) -> bool:
+        """Whether `text` spells one of the words' tokens: only such a text's context depends on the vectors."""
+        return not set(tokenizer(text, add_special_tokens=False).input_ids).isdisjoint(self.token_ids.tolist())
+
     def detach_from_encoder(self) -> None:
         self.handle.remove()
 

@@ -44,6 +44,17 @@ def test_only_prompts_naming_the_word_change_and_only_from_the_word_on(tiny_zima
     assert torch.equal(features(model, [prompt])[0], base[2])
 
 
+def test_a_caption_is_named_exactly_when_its_context_depends_on_the_words(tiny_zimage_path):
+    # A round reuses the cached context of a caption the words do not name: that is exact only if the two agree.
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    captions = [*WITHOUT, "a yellow star", "star on the left", "two stars", "a starfish", "a star, a star"]
+    base = features(model, captions)
+    words = attach_star(model)
+    moved = [not torch.equal(a, b) for a, b in zip(features(model, captions), base, strict=True)]
+    named = [words.named_in(model.pipeline.tokenizer, caption) for caption in captions]
+    assert named == moved and named[2] and not named[0]
+
+
 def test_gradient_reaches_only_the_words_vectors(tiny_zimage_path):
     model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
     words = attach_star(model)
