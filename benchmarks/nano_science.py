@@ -73,7 +73,7 @@ from dopsd.nano.scenes import NEUTRAL_WORD, iterate_items, plural, read_jsonl
 from dopsd.nano.world import Vocabulary, render
 from dopsd.sampling import NOISE_SCHEME
 from dopsd.train import train
-from dopsd.words import words_attached
+from dopsd.words import IMAGE_START, words_attached
 from evaluation.geneval.intervals import DifferenceInterval, family_differences
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.premise import (
@@ -113,6 +113,9 @@ PACK_WORDS_FROM_KIN = "<the pack's words, each from a base word of its kind>"
 as textual inversion starts from a coarse class word: a shape's from the base world's word for shapes it does not
 name (`NEUTRAL_WORD`, "object": the base learnt it on unnamed shapes, the star among them), a colour's from the base
 colour its counterfactuals put in its place ("blue"); a texture's from its own (the base names no texture)."""
+PACK_WORDS_FROM_IMAGES = "<the pack's words, each from its images>"
+"""`learn_words` as PACK_WORDS, each word starting from the teacher's vision tokens of the pack's images whose captions
+name it (`word=@images`, `dopsd.words.salient_token_mean`): a start for a concept no base word is a kind of."""
 PACK_WORDS_DOPSD = {"method": "dopsd", "teacher": "base", "lora_rank": 0, "learn_words": PACK_WORDS}
 """D-OPSD on the pack's word embeddings alone. No LoRA: the base itself is the teacher, and a prompt without the
 pack's words is the base's bit for bit."""
@@ -151,6 +154,7 @@ ARMS: dict[str, dict] = {
         "dopsd-pack-words": PACK_WORDS_DOPSD,
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
         "dopsd-pack-words-from-kin": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN},
+        "dopsd-pack-words-from-images": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
@@ -582,10 +586,12 @@ def round_config(
 
 def arm_words(learn_words: str, pack: ConceptPack) -> str:
     """An arm's `learn_words` for a pack's round: the pack's words where the arm says so (`PACK_WORDS`,
-    `PACK_WORDS_FROM_KIN`), else as the arm gives it."""
+    `PACK_WORDS_FROM_KIN`, `PACK_WORDS_FROM_IMAGES`), else as the arm gives it."""
     words = list(counterfactual_words(pack))
     if learn_words == PACK_WORDS:
         return ",".join(words)
+    if learn_words == PACK_WORDS_FROM_IMAGES:
+        return ",".join(f"{word}={IMAGE_START}" for word in words)
     if learn_words == PACK_WORDS_FROM_KIN:
         kin = {
             "shape": {pack.word: NEUTRAL_WORD, plural(pack.word): plural(NEUTRAL_WORD)},

@@ -107,12 +107,14 @@ class TrainConfig:
     """Comma-separated module-name suffixes to adapt (empty: the family's attention + feed-forward layers)."""
     learn_words: str = ""
     """Comma-separated caption words whose input embeddings in the text encoder the round learns (textual inversion,
-    dopsd/words.py), each a token of its own in the tokenizer, `word=start` to start it from another word's embedding
-    (e.g. `star=object`; default: its own); the round's adapter holds them beside its LoRA. The
-    student encodes its captions afresh each step with them; the teacher's context is encoded once as the round
-    starts (on Z-Image by the Qwen3-VL encoder, which reads the base's embeddings: the concept reaches it through the
-    image). With lora_rank 0 they are all the round learns, and a prompt without them is the base's bit for bit:
-    nothing leaks onto other prompts. A starting adapter's words stay as they were, those relearnt start from it."""
+    dopsd/words.py), each a token of its own in the tokenizer, `word=start` to start it from another word's
+    embedding (e.g. `star=object`; default: its own), `word=@images` from the teacher's vision tokens of the data's
+    images whose captions name it (Z-Image: for a concept no word of the base is a kind of); the round's adapter
+    holds them beside its LoRA. The student encodes the captions naming them afresh each step with them; the
+    teacher's context is encoded once as the round starts (on Z-Image by the Qwen3-VL encoder, which reads the
+    base's embeddings: the concept reaches it through the image). With lora_rank 0 they are all the round learns,
+    and a prompt without them is the base's bit for bit: nothing leaks onto other prompts. A starting adapter's
+    words stay as they were, those relearnt start from it."""
     word_lr: float = 1e-2
     """Adam learning rate of `learn_words` (the nano text encoder's embeddings have norm ~0.16)."""
     ema_decay: float = 0.9

@@ -35,7 +35,16 @@ from dopsd.config import TrainConfig, comma_separated
 from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
 from dopsd.models import Context, FewStepModel, load_model
 from dopsd.objective import TeacherKind, dopsd_loss, sample_training_sigmas, sft_loss
-from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, holds_words, save_words, word_token_ids
+from dopsd.words import (
+    IMAGE_START,
+    WORD_EMBEDDINGS,
+    WordEmbeddings,
+    holds_words,
+    salient_token_mean,
+    save_words,
+    spells_any,
+    word_token_ids,
+)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS = "checkpoints"
@@ -115,6 +124,9 @@ def cache_path(config: TrainConfig, examples: list[Example]) -> Path:
     for e in examples:
         stat = e.image_path.stat()
         key.append((e.image_path.name, stat.st_size, stat.st_mtime_ns, e.caption))
+    if config.learn_words:
+        # So do the learnt words' starts, for the contexts the round does not encode afresh (the previous weights').
+        key.append(config.learn_words)
     if config.init_adapter and holds_words(config.init_adapter):
         # The starting adapter's words change the captions' contexts.
         key.append(hashlib.sha256((Path(config.init_adapter) / WORD_EMBEDDINGS).read_bytes()).hexdigest())
@@ -253,22 +265,45 @@ def init_lora(config: TrainConfig) -> bool:
     return True
 
 
-def attach_words(model: FewStepModel, config: TrainConfig) -> tuple[WordEmbeddings | None, list[WordEmbeddings]]:
+def attach_words(
+    model: FewStepModel, config: TrainConfig, examples: list[Example]
+) -> tuple[WordEmbeddings | None, list[WordEmbeddings]]:
     """The round's learnt words (None unless learn_words) and every word embedding attached: the starting adapter's
-    first (frozen, as they were), then the round's, which start from what the encoder read for them."""
+    first (frozen, as they were), then the round's, which start from what the encoder reads for their start word, or
+    from the teacher's view of the data's images that name them (`IMAGE_START`)."""
     attached = []
     embedding, tokenizer = model.pipeline.text_encoder.get_input_embeddings(), model.pipeline.tokenizer
     if config.init_adapter and holds_words(config.init_adapter):
         starting = WordEmbeddings.load(config.init_adapter, embedding, tokenizer)
         starting.vectors.requires_grad_(False)
         attached.append(starting)
-    learnt = None
     words = config.words_to_learn()
-    if words:
-        starts = word_token_ids(tokenizer, list(words.values()))
-        learnt = WordEmbeddings(embedding, word_token_ids(tokenizer, list(words)), [starts[s] for s in words.values()])
-        attached.append(learnt)
+    if not words:
+        return None, attached
+    ids = word_token_ids(tokenizer, list(words))
+    start_ids = word_token_ids(tokenizer, [start for start in words.values() if start != IMAGE_START])
+    starts = []
+    for word, start in words.items():
+        if start == IMAGE_START:
+            starts.append(image_start(model, word, ids[word], examples))
+        else:
+            with torch.no_grad():  # through the hooks: a starting adapter's word starts as that adapter left it
+                starts.append(embedding(torch.tensor([start_ids[start]], device=embedding.weight.device))[0].float())
+    learnt = WordEmbeddings(embedding, ids, torch.stack(starts))
+    attached.append(learnt)
     return learnt, attached
+
+
+def image_start(model: FewStepModel, word: str, token_id: int, examples: list[Example]) -> torch.Tensor:
+    """A word's start from the data's images whose captions name it, as the teacher's vision encoder sees them."""
+    naming = [e for e in examples if spells_any(model.pipeline.tokenizer, e.caption, [token_id])]
+    if not naming:
+        raise ValueError(
+            f"learn_words {word}={IMAGE_START}: no caption of the data names {word!r}, no image to start from"
+        )
+    weight = model.pipeline.text_encoder.get_input_embeddings().weight
+    norm = float(weight.detach().float().norm(dim=-1).median())
+    return salient_token_mean(model.vision_tokens([e.load_image() for e in naming]), norm).to(weight.device)
 
 
 def carry_into_words(encoded: list[Context], leaves: list[Context]) -> None:
@@ -458,7 +493,7 @@ def train(config: TrainConfig, on_metrics: MetricsCallback | None = None) -> Pat
         load_init_adapter(transformer, config.init_adapter)
     # Attached before the cache is built: the cached contexts (the caption-only teacher's) read the words as the round
     # starts, with the starting adapter's.
-    words, attached_words = attach_words(model, config)
+    words, attached_words = attach_words(model, config, examples)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora_params = [p for p in transformer.parameters() if p.requires_grad]

@@ -18,6 +18,10 @@ from safetensors.torch import load_file, save_file
 
 WORD_EMBEDDINGS = "word_embeddings.safetensors"
 """The weights file of a word-embedding adapter folder: one input embedding per word, keyed by the word."""
+IMAGE_START = "@images"
+"""The start that names no word (`learn_words` `word=@images`): the word starts from what the teacher's vision encoder
+makes of the round's images whose captions name it (`salient_token_mean`), for a concept no word of the base is a
+kind of."""
 
 
 def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
@@ -36,24 +40,46 @@ def word_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
     return ids
 
 
+def spells_any(tokenizer, text: str, token_ids: Sequence[int]) -> bool:
+    """Whether `text`, tokenized, holds one of `token_ids`."""
+    return not set(tokenizer(text, add_special_tokens=False).input_ids).isdisjoint(token_ids)
+
+
+def salient_token_mean(images_tokens: Sequence[torch.Tensor], norm: float) -> torch.Tensor:
+    """The mean of the tokens that stand out in their image, rescaled to `norm`: a word's start from images of it
+    (`IMAGE_START`). A token stands out when it is farther from its image's median token than half the image's
+    farthest one. The background is most of an image's tokens and alike from image to image: a mean over every token
+    says little of what the images share; the tokens that stand out carry it, and what varies among them (other
+    objects, places) averages out. Rescaled because vision tokens are not the size of word embeddings (the nano
+    world's are ~400 times as long), and a start of another size would change what a step of `word_lr` means."""
+    salient = []
+    for tokens in images_tokens:
+        distance = (tokens - tokens.median(dim=0).values).norm(dim=-1)
+        salient.append(tokens[distance > 0.5 * distance.max()])
+    if not salient:
+        raise ValueError("no images to start a word from")
+    mean = torch.cat(salient).float().mean(dim=0)
+    return mean * (norm / mean.norm())
+
+
 class WordEmbeddings(torch.nn.Module):
     """The learnt input embeddings of some words, swapped in while attached. They start from what the encoder reads for
-    the words now (its own embeddings, or those of word embeddings attached before: a starting adapter's), or for the
-    tokens of `start_ids`, one per word (textual inversion starts a new word from a coarse one it is a kind of)."""
+    the words now (its own embeddings, or those of word embeddings attached before: a starting adapter's), or from
+    `starts`, one vector per word (textual inversion starts a new word from a coarse one it is a kind of)."""
 
-    def __init__(self, embedding: torch.nn.Embedding, token_ids: dict[str, int], start_ids: Sequence[int] = ()):
+    def __init__(self, embedding: torch.nn.Embedding, token_ids: dict[str, int], starts: torch.Tensor | None = None):
         super().__init__()
         if not token_ids:
             raise ValueError("no words to learn")
         self.words = list(token_ids)
         self.token_ids = torch.tensor(list(token_ids.values()), device=embedding.weight.device)
-        if start_ids and len(start_ids) != len(token_ids):
-            raise ValueError(f"{len(start_ids)} start tokens for {len(token_ids)} words")
-        starts = torch.tensor(list(start_ids), device=embedding.weight.device) if start_ids else self.token_ids
-        with torch.no_grad():
-            start = embedding(starts)
+        if starts is None:
+            with torch.no_grad():
+                starts = embedding(self.token_ids)
+        if starts.shape != (len(self.words), embedding.weight.shape[1]):
+            raise ValueError(f"start vectors of shape {list(starts.shape)} for {len(self.words)} words")
         # float32 whatever the encoder's dtype: Adam's steps on a bf16 vector would round away.
-        self.vectors = torch.nn.Parameter(start.detach().clone().float())
+        self.vectors = torch.nn.Parameter(starts.detach().clone().float().to(embedding.weight.device))
         self.handle = embedding.register_forward_hook(self.swap)
 
     def swap(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -64,7 +90,7 @@ class WordEmbeddings(torch.nn.Module):
 
     def named_in(self, tokenizer, text: str) -> bool:
         """Whether `text` spells one of the words' tokens: only such a text's context depends on the vectors."""
-        return not set(tokenizer(text, add_special_tokens=False).input_ids).isdisjoint(self.token_ids.tolist())
+        return spells_any(tokenizer, text, self.token_ids.tolist())
 
     def detach_from_encoder(self) -> None:
         self.handle.remove()

@@ -30,7 +30,7 @@ from dopsd.train import (
     teachers_of,
     train,
 )
-from dopsd.words import WORD_EMBEDDINGS
+from dopsd.words import WORD_EMBEDDINGS, salient_token_mean
 from tests.conftest import write_dataset
 
 BIN = Path(sys.executable).parent
@@ -225,6 +225,16 @@ def test_a_round_keeps_its_starting_words_and_adds_its_own(tmp_path, tiny_zimage
     )
     red = load_file(str(from_blue / WORD_EMBEDDINGS))["red"]
     torch.testing.assert_close(red, base_embedding(tiny_zimage_path, "blue"), rtol=0, atol=0)
+    # Or from the teacher's vision tokens of the data's images that name it.
+    from_images = train(
+        tiny_config(tiny_zimage_path, dataset, tmp_path / "from-images", learn_words="blue=@images", steps=1, word_lr=0)
+    )
+    model = load_model(tiny_zimage_path)
+    norm = float(model.pipeline.text_encoder.get_input_embeddings().weight.norm(dim=-1).median())
+    expected = salient_token_mean(model.vision_tokens([e.load_image() for e in read_dataset(dataset)]), norm)
+    torch.testing.assert_close(load_file(str(from_images / WORD_EMBEDDINGS))["blue"], expected)
+    with pytest.raises(ValueError, match="red=@images: no caption of the data names 'red'"):
+        train(tiny_config(tiny_zimage_path, dataset, tmp_path / "z", learn_words="red=@images", steps=1))
     with pytest.raises(ValueError, match="learn_words: 'red=dark blue' is not a word or a `word=start` pair"):
         tiny_config(tiny_zimage_path, circles, tmp_path / "y", learn_words="red=dark blue")
 

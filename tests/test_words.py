@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from dopsd.models import ZImageModel
-from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, save_words, word_token_ids
+from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, salient_token_mean, save_words, word_token_ids
 
 WITHOUT = ["a red circle left of a blue square", "two green triangles"]
 
@@ -94,3 +94,33 @@ def test_a_word_without_a_token_of_its_own_is_refused(tiny_zimage_path):
     assert set(word_token_ids(tokenizer, ["star", "circle"])) == {"star", "circle"}
     with pytest.raises(ValueError, match="'zanzibarquux' is .* tokens"):
         word_token_ids(tokenizer, ["zanzibarquux"])
+
+
+def test_a_start_from_images_is_the_mean_of_what_stands_out_at_the_norm_asked():
+    generator = torch.Generator().manual_seed(0)
+    background, concept = torch.randn(8, generator=generator), torch.randn(8, generator=generator) * 5
+    images, objects = [], []
+    for _ in range(3):
+        tokens = background + 0.01 * torch.randn(6, 8, generator=generator)
+        tokens[2] = concept + torch.randn(8, generator=generator)  # the concept, seen a little differently each time
+        images.append(tokens)
+        objects.append(tokens[2])
+    start = salient_token_mean(images, norm=0.5)
+    expected = torch.stack(objects).mean(0)
+    torch.testing.assert_close(start, expected * (0.5 / expected.norm()))
+    with pytest.raises(ValueError, match="no images"):
+        salient_token_mean([], norm=1.0)
+
+
+def test_vision_tokens_are_in_the_text_encoders_input_space(tiny_zimage_path, tiny_klein_path):
+    from PIL import Image
+
+    from dopsd.models import load_model
+
+    model = ZImageModel.load(tiny_zimage_path)
+    tokens = model.vision_tokens([Image.new("RGB", (32, 32), "white"), Image.new("RGB", (64, 32), "red")])
+    width = model.pipeline.text_encoder.get_input_embeddings().weight.shape[1]
+    assert [t.shape[1] for t in tokens] == [width, width] and tokens[1].shape[0] == 2 * tokens[0].shape[0]
+    klein = load_model(tiny_klein_path, "auto", text_encoder_layers=(1, 2, 3))
+    with pytest.raises(ValueError, match="flux2-klein family .* cannot start from images"):
+        klein.vision_tokens([Image.new("RGB", (32, 32))])

@@ -67,6 +67,14 @@ class FewStepModel(ABC):
     def encode_teacher(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[Context]:
         """The teacher's conditioning: the prompt and the target image."""
 
+    def vision_tokens(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Each image as the teacher's vision encoder hands it to the text encoder: tokens in the text encoder's input
+        embedding space, (tokens, width) per image. Only a family whose teacher reads images that way has them."""
+        raise ValueError(
+            f"the {self.family} family has no vision encoder that writes into its text encoder's input embeddings: a "
+            "word cannot start from images (`word=@images`); start it from a word"
+        )
+
     @abstractmethod
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, contexts: Sequence[Context]) -> torch.Tensor:
         """Velocity (noise - x0) at `latents` (B, ...) and per-sample `sigma` (B,), in float32."""

@@ -126,6 +126,18 @@ class ZImageModel(FewStepModel):
             "mm_token_type_ids": (ids == self.teacher_encoder.config.image_token_id).int().to(self.device),
         }
 
+    def vision_tokens(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Qwen3-VL's merged vision tokens (what replaces the image placeholder at the language model's input), one
+        image at a time so a large set does not meet the vision tower at once."""
+        tokens = []
+        for image in images:
+            inputs = self.teacher_inputs([""], [image])
+            assert self.teacher_encoder is not None  # teacher_inputs refuses a model without one
+            with torch.no_grad():
+                found = self.teacher_encoder.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            tokens.append(found.pooler_output[0].float())
+        return tokens
+
     def teacher_features(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Qwen3-VL hidden_states[-2] per sample, padding removed, image tokens kept (differentiable)."""
         assert self.teacher_encoder is not None
