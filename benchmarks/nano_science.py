@@ -155,6 +155,10 @@ ARMS: dict[str, dict] = {
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
         "dopsd-pack-words-from-kin": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN},
         "dopsd-pack-words-from-images": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES},
+        "dopsd-pack-words-from-images-lr1e-3": PACK_WORDS_DOPSD
+        | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3},
+        # The start alone: at lr 0 the round's words end where they began.
+        "dopsd-pack-words-from-images-lr0": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 0.0},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
@@ -1237,14 +1241,16 @@ def run(config: ScienceConfig, command: str, log=print) -> dict:
     plots = out.with_suffix("")
     evaluation = Evaluation(config)
     preset = make_config(config.preset, steps=config.round_steps or None, batch_size=config.round_batch or None)
+    arms = list(dict.fromkeys(config.names("arms") + config.names("continual_arms")))
     results: dict = {
         "command": command,
         "machine": machine_description(default_device(), torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d"),
         "config": dataclasses.asdict(config),
         "base": base,
-        "round": f"{preset.steps} steps, batch {preset.batch_size}, LoRA rank {preset.lora_rank}",
-        "arms": [arm_recipe(a) for a in dict.fromkeys(config.names("arms") + config.names("continual_arms"))],
+        "round": f"{preset.steps} steps, batch {preset.batch_size}"
+        + ("" if all(map(learns_words_only, arms)) else f", LoRA rank {preset.lora_rank}"),
+        "arms": [arm_recipe(a) for a in arms],
         "prompts": {
             "retention": len(evaluation.retention.records),
             "retention_families": {
