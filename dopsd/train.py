@@ -250,12 +250,8 @@ def init_lora(config: TrainConfig) -> bool:
     LoRA of its own cannot carry one on."""
     if not config.init_adapter:
         return False
+    adapters.check_adapter_folder(config.init_adapter)
     if not adapters.holds_lora(config.init_adapter):
-        if not holds_words(config.init_adapter):
-            raise ValueError(
-                f"init_adapter {config.init_adapter}: holds neither {adapters.LORA_WEIGHTS} nor {WORD_EMBEDDINGS}; "
-                "give the adapter/ folder a round wrote"
-            )
         return False
     if config.lora_rank == 0:
         raise ValueError(

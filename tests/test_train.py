@@ -159,7 +159,9 @@ def test_a_round_starts_from_its_init_adapter(tmp_path, tiny_zimage_path, datase
                 tiny_zimage_path, dataset, tmp_path / "r2", lora_rank=2, lora_targets="to_q", init_adapter=str(first)
             )
         )
-    with pytest.raises(ValueError, match=f"init_adapter .*first: holds neither {LORA_WEIGHTS} nor {WORD_EMBEDDINGS}"):
+    with pytest.raises(
+        FileNotFoundError, match=f"first: not an adapter .*neither {LORA_WEIGHTS} nor {WORD_EMBEDDINGS}"
+    ):
         train(tiny_config(tiny_zimage_path, dataset, tmp_path / "r3", init_adapter=str(tmp_path / "first")))
 
 
