@@ -154,6 +154,7 @@ ARMS: dict[str, dict] = {
         "dopsd-pack-words": PACK_WORDS_DOPSD,
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
         "dopsd-pack-words-from-kin": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN},
+        "dopsd-pack-words-from-kin-lr1e-3": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN, "word_lr": 1e-3},
         "dopsd-pack-words-from-images": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES},
         "dopsd-pack-words-from-images-lr1e-3": PACK_WORDS_DOPSD
         | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3},
