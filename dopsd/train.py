@@ -299,7 +299,10 @@ def image_start(model: FewStepModel, word: str, token_id: int, examples: list[Ex
         )
     weight = model.pipeline.text_encoder.get_input_embeddings().weight
     norm = float(weight.detach().float().norm(dim=-1).median())
-    return salient_token_mean(model.vision_tokens([e.load_image() for e in naming]), norm).to(weight.device)
+    try:
+        return salient_token_mean(model.vision_tokens([e.load_image() for e in naming]), norm).to(weight.device)
+    except ValueError as error:
+        raise ValueError(f"learn_words {word}={IMAGE_START}: {error}") from None
 
 
 def carry_into_words(encoded: list[Context], leaves: list[Context]) -> None:

@@ -56,9 +56,12 @@ def salient_token_mean(images_tokens: Sequence[torch.Tensor], norm: float) -> to
     for tokens in images_tokens:
         distance = (tokens - tokens.median(dim=0).values).norm(dim=-1)
         salient.append(tokens[distance > 0.5 * distance.max()])
-    if not salient:
-        raise ValueError("no images to start a word from")
-    mean = torch.cat(salient).float().mean(dim=0)
+    chosen = torch.cat(salient) if salient else torch.empty(0)
+    if len(chosen) == 0:
+        raise ValueError(
+            "no token stands out in the images (none given, or each is uniform): nothing to start a word from"
+        )
+    mean = chosen.float().mean(dim=0)
     return mean * (norm / mean.norm())
 
 

@@ -108,8 +108,9 @@ def test_a_start_from_images_is_the_mean_of_what_stands_out_at_the_norm_asked():
     start = salient_token_mean(images, norm=0.5)
     expected = torch.stack(objects).mean(0)
     torch.testing.assert_close(start, expected * (0.5 / expected.norm()))
-    with pytest.raises(ValueError, match="no images"):
-        salient_token_mean([], norm=1.0)
+    for nothing in ([], [torch.ones(6, 8)]):
+        with pytest.raises(ValueError, match="no token stands out"):
+            salient_token_mean(nothing, norm=1.0)
 
 
 def test_vision_tokens_are_in_the_text_encoders_input_space(tiny_zimage_path, tiny_klein_path):
