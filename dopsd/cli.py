@@ -118,8 +118,9 @@ def demo(
     """Teach the nano base a concept pack with a D-OPSD round (keeping the base with caption negatives that drop the
     pack's word and replayed world renders, their top states anchored; `--set anchor_layout=0 --set replay_ratio=0
     --set negative_ratio=0` for none; `--set lora_rank=0 --set learn_words=star=object,stars=objects` learns the
-    word alone, which needs none of them), then score base and adapter at 4 steps: the new concept's accuracy,
-    retention of held-out base prompts, the concept's leak onto them, side-by-side grids."""
+    word alone, which needs none of them; `striped=@images` starts a word from its images), then score base and
+    adapter at 4 steps: the new concept's accuracy, retention of held-out base prompts, the concept's leak onto
+    them, side-by-side grids."""
     from dopsd.config import parse_overrides
 
     try:
