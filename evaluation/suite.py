@@ -284,9 +284,10 @@ def run_suite(
         raise ValueError(f"baseline {config.baseline!r} is not among the models compared: {sorted(adapters)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loras = {
-        name for name, path in adapters.items() if path is not None and load_lora_if_any(model.pipeline, path, name)
-    }
+    loras = set()
+    for name, path in adapters.items():
+        if path is not None and load_lora_if_any(model.pipeline, path, name):
+            loras.add(name)
     total = len(adapters) * sum(len(s.records) for s in prompt_sets) * config.images_per_prompt
     bar = tqdm(total=total, desc="sampling and scoring", unit="img", disable=not progress)
     per_batch = max(1, config.batch // config.images_per_prompt)
