@@ -155,11 +155,16 @@ ARMS: dict[str, dict] = {
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
         "dopsd-pack-words-from-kin": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN},
         "dopsd-pack-words-from-kin-lr1e-3": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN, "word_lr": 1e-3},
+        "dopsd-pack-words-from-kin-max-sigma0.9": PACK_WORDS_DOPSD
+        | {"learn_words": PACK_WORDS_FROM_KIN, "loss_max_sigma": 0.9},
+        # Textual inversion as it is usually trained: the flow-matching loss on the pack's images.
+        "sft-pack-words-from-kin": PACK_WORDS_DOPSD | {"method": "sft", "learn_words": PACK_WORDS_FROM_KIN},
         "dopsd-pack-words-from-images": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES},
         "dopsd-pack-words-from-images-lr1e-3": PACK_WORDS_DOPSD
         | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3},
-        # The start alone: at lr 0 the round's words end where they began.
+        # The starts alone: at lr 0 the round's words end where they began.
         "dopsd-pack-words-from-images-lr0": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 0.0},
+        "dopsd-pack-words-from-kin-lr0": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN, "word_lr": 0.0},
     }.items()
 }
 """Training overrides of each arm on top of the preset: everything else (budget, LoRA rank, seed) is shared, but for an
