@@ -159,6 +159,8 @@ ARMS: dict[str, dict] = {
         | {"learn_words": PACK_WORDS_FROM_KIN, "loss_max_sigma": 0.9},
         # Textual inversion as it is usually trained: the flow-matching loss on the pack's images.
         "sft-pack-words-from-kin": PACK_WORDS_DOPSD | {"method": "sft", "learn_words": PACK_WORDS_FROM_KIN},
+        "sft-pack-words-from-images-lr1e-3": PACK_WORDS_DOPSD
+        | {"method": "sft", "learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3},
         "dopsd-pack-words-from-images": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES},
         "dopsd-pack-words-from-images-lr1e-3": PACK_WORDS_DOPSD
         | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3},
