@@ -125,3 +125,22 @@ def test_vision_tokens_are_in_the_text_encoders_input_space(tiny_zimage_path, ti
     klein = load_model(tiny_klein_path, "auto", text_encoder_layers=(1, 2, 3))
     with pytest.raises(ValueError, match="flux2-klein family .* cannot start from images"):
         klein.vision_tokens([Image.new("RGB", (32, 32))])
+
+
+def test_saved_words_attach_to_a_plain_diffusers_pipeline(tmp_path, tiny_zimage_path):
+    # How a user outside dopsd samples a words adapter: diffusers' load_lora_weights does not read the words.
+    from dopsd.preview import pipeline_images
+    from dopsd.words import words_attached
+
+    model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
+    save_words(tmp_path / "adapter", [attach_star(model, seed=5)])
+    pipeline = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False).pipeline
+    kwargs = {**model.pipeline_kwargs(), "output_type": "np"}
+    prompts = ["a yellow star", WITHOUT[0]]
+    base = pipeline_images(pipeline, prompts, [0], 4, 32, kwargs)
+    with words_attached(pipeline, tmp_path / "adapter") as words:
+        assert words is not None and words.words == ["star"]
+        attached = pipeline_images(pipeline, prompts, [0], 4, 32, kwargs)
+    assert abs(attached[0] - base[0]).max() > 1e-3 and (attached[1] == base[1]).all()
+    after = pipeline_images(pipeline, prompts, [0], 4, 32, kwargs)
+    assert all((a == b).all() for a, b in zip(after, base, strict=True))
