@@ -155,6 +155,7 @@ ARMS: dict[str, dict] = {
         "dopsd-pack-words-lr3e-2": PACK_WORDS_DOPSD | {"word_lr": 3e-2},
         "dopsd-pack-words-from-kin": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN},
         "dopsd-pack-words-from-kin-lr1e-3": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN, "word_lr": 1e-3},
+        "dopsd-pack-words-from-kin-600-steps": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN, "steps": 600},
         "dopsd-pack-words-from-kin-max-sigma0.9": PACK_WORDS_DOPSD
         | {"learn_words": PACK_WORDS_FROM_KIN, "loss_max_sigma": 0.9},
         # Textual inversion as it is usually trained: the flow-matching loss on the pack's images.
