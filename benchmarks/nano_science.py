@@ -165,6 +165,8 @@ ARMS: dict[str, dict] = {
         "dopsd-pack-words-from-images": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES},
         "dopsd-pack-words-from-images-lr1e-3": PACK_WORDS_DOPSD
         | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3},
+        "dopsd-pack-words-from-images-lr1e-3-600-steps": PACK_WORDS_DOPSD
+        | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 1e-3, "steps": 600},
         # The starts alone: at lr 0 the round's words end where they began.
         "dopsd-pack-words-from-images-lr0": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_IMAGES, "word_lr": 0.0},
         "dopsd-pack-words-from-kin-lr0": PACK_WORDS_DOPSD | {"learn_words": PACK_WORDS_FROM_KIN, "word_lr": 0.0},
