@@ -5,7 +5,15 @@ import torch
 from safetensors.torch import save_file
 
 from dopsd.models import ZImageModel
-from dopsd.words import WORD_EMBEDDINGS, WordEmbeddings, salient_token_mean, save_words, word_token_ids
+from dopsd.preview import pipeline_images
+from dopsd.words import (
+    WORD_EMBEDDINGS,
+    WordEmbeddings,
+    salient_token_mean,
+    save_words,
+    word_token_ids,
+    words_attached,
+)
 
 WITHOUT = ["a red circle left of a blue square", "two green triangles"]
 
@@ -129,9 +137,6 @@ def test_vision_tokens_are_in_the_text_encoders_input_space(tiny_zimage_path, ti
 
 def test_saved_words_attach_to_a_plain_diffusers_pipeline(tmp_path, tiny_zimage_path):
     # How a user outside dopsd samples a words adapter: diffusers' load_lora_weights does not read the words.
-    from dopsd.preview import pipeline_images
-    from dopsd.words import words_attached
-
     model = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False)
     save_words(tmp_path / "adapter", [attach_star(model, seed=5)])
     pipeline = ZImageModel.load(tiny_zimage_path, with_teacher_encoder=False).pipeline
