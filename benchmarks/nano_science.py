@@ -423,12 +423,13 @@ def learns_words_only(arm: str) -> bool:
 
 
 def arm_recipe(arm: str) -> str:
-    """Where an arm's adapter sits, its lr and any rank of its own, in words."""
+    """Where an arm's adapter sits, its lr, any rank and any step count of its own, in words."""
     overrides = ARMS[split_arm(arm)[0]]
+    steps = f", {overrides['steps']} steps" if "steps" in overrides else ""
     if learns_words_only(arm):
-        return f"{arm} lr {overrides.get('word_lr', TrainConfig.word_lr):g} on the pack's word embeddings alone"
+        return f"{arm} lr {overrides.get('word_lr', TrainConfig.word_lr):g} on the pack's word embeddings alone{steps}"
     rank = f", LoRA rank {overrides['lora_rank']}" if "lora_rank" in overrides else ""
-    return f"{arm} lr {overrides['lr']:g} on {ADAPTER_PLACES[overrides['lora_targets']]}{rank}"
+    return f"{arm} lr {overrides['lr']:g} on {ADAPTER_PLACES[overrides['lora_targets']]}{rank}{steps}"
 
 
 def replay_folder(config: ScienceConfig) -> str:

@@ -380,6 +380,8 @@ def test_later_rounds_take_their_own_lr_steps_fusing_and_anchor_and_a_rank_arm_i
     assert plain.lora_targets == first.lora_targets
     assert nano_science.arm_recipe(arm) == f"{arm} lr 0.002 on the text path, LoRA rank 16"
     assert nano_science.arm_recipe("dopsd-text-path-lr2e-3") == "dopsd-text-path-lr2e-3 lr 0.002 on the text path"
+    longer = "dopsd-pack-words-from-kin-600-steps"  # a budget of its own is said: the others share the preset's
+    assert nano_science.arm_recipe(longer) == f"{longer} lr 0.01 on the pack's word embeddings alone, 600 steps"
 
 
 def test_a_joint_round_pools_the_packs_and_drops_every_ones_word(tmp_path, tiny_world):
