@@ -238,6 +238,8 @@ def nano_bootstrap(
     on-policy). Resumes from the work folder's newest checkpoints, so it can run in the background over several
     sittings."""
     from dopsd.nano.bootstrap import STAGES, BootstrapConfig, bootstrap, export
+    from evaluation.nano.detector import NanoDetector
+    from evaluation.nano.geneval_nano import rules_judge
 
     steps = {
         "vae": vae_steps,
@@ -258,7 +260,8 @@ def nano_bootstrap(
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
-    model_dir = bootstrap(config, tuple(stage) if stage else None, log=typer.echo)
+    judge = rules_judge(NanoDetector.load()) if config.curate_on_policy else None
+    model_dir = bootstrap(config, tuple(stage) if stage else None, log=typer.echo, judge=judge)
     if export_to:
         typer.echo(f"model exported to {export(config, export_to)}")
     else:

@@ -27,6 +27,14 @@ def tiny_klein_path(tmp_path_factory):
     return str(build_tiny_flux2_klein(tmp_path_factory.mktemp("tiny_klein")))
 
 
+def nano_judge():
+    """The bootstrap's curation judge, as `dopsd nano bootstrap` builds it: the nano detector and the GenEval rules."""
+    from evaluation.nano.detector import NanoDetector
+    from evaluation.nano.geneval_nano import rules_judge
+
+    return rules_judge(NanoDetector.load())
+
+
 def tiny_bootstrap_config(workdir, **overrides) -> BootstrapConfig:
     """Every bootstrap stage at a budget of a few steps: the code paths run, the weights barely move."""
     values = dict(
@@ -61,7 +69,7 @@ def tiny_bootstrap_config(workdir, **overrides) -> BootstrapConfig:
 def tiny_nano_bootstrap(tmp_path_factory) -> BootstrapConfig:
     """A nano model bootstrapped through every stage at the tiny budget."""
     config = tiny_bootstrap_config(tmp_path_factory.mktemp("nano") / "boot")
-    bootstrap(config, log=lambda line: None)
+    bootstrap(config, log=lambda line: None, judge=nano_judge())
     torch.set_num_threads(2)  # the bootstrap set its own thread count
     return config
 

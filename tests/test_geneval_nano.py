@@ -8,11 +8,11 @@ import pytest
 from dopsd.models import ZImageModel
 from dopsd.nano.packs import PACKS, counterfactual, pack_items
 from dopsd.nano.scenes import TASKS, SceneSampler
-from dopsd.nano.world import Vocabulary, render
+from dopsd.nano.world import Scene, Vocabulary, render
 from dopsd.sampling import sample_images
 from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
-from evaluation.nano.geneval_nano import geneval_nano, score_images
+from evaluation.nano.geneval_nano import geneval_nano, rules_judge, score_images
 from evaluation.nano.premise import blank_share, concept_shown, lost_to_concept, shows_concept
 from evaluation.suite import verdict_row
 
@@ -28,6 +28,18 @@ def test_renders_of_each_prompt_score_at_the_ceiling(detector):
     score, verdicts = score_images([render(i.scene) for i in items], [i.metadata for i in items], detector)
     assert set(score.tasks) == set(TASKS)
     assert score.overall >= 0.95, [v.reason for v in verdicts if not v.correct]
+
+
+def test_the_rules_judge_finds_renders_of_the_records_right_and_an_empty_scene_wrong(detector):
+    sampler = SceneSampler(Vocabulary(), np.random.default_rng(5))
+    items = [sampler.sample(task) for task in TASKS]
+    renders = [render(item.scene) for item in items]
+    records = [item.metadata for item in items]
+    verdicts = [v.correct for v in score_images(renders, records, detector)[1]]
+    assert rules_judge(detector)(renders, records) == verdicts
+    assert sum(verdicts) >= len(TASKS) - 1
+    empty = render(Scene((), size=items[0].scene.size))  # the world's background, nothing drawn
+    assert not any(rules_judge(detector)([empty] * len(records), records))
 
 
 def test_the_concept_is_found_in_renders_of_its_pack_and_not_in_their_counterfactuals(detector):

@@ -12,6 +12,7 @@ from dopsd.models import load_model
 from dopsd.nano.bootstrap import (
     BootstrapConfig,
     RolloutTargets,
+    WorldStream,
     bootstrap,
     load_training_model,
     machine_description,
@@ -19,7 +20,7 @@ from dopsd.nano.bootstrap import (
     undistilled_teacher,
 )
 from dopsd.nano.model import NANO_RESOLUTION
-from tests.conftest import tiny_bootstrap_config
+from tests.conftest import nano_judge, tiny_bootstrap_config
 
 
 def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
@@ -38,7 +39,9 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     pretrained = load_file(str(tmp_path / "boot" / "checkpoints" / "pretrain" / "transformer.safetensors"))
 
     more = tiny_bootstrap_config(tmp_path / "boot", distill_steps=3)
-    bootstrap(more, log=logs.append)  # skips finished stages, runs both distillations
+    with pytest.raises(ValueError, match="curate_on_policy needs a judge"):
+        bootstrap(more, log=logs.append)  # the on-policy stage curates its examples: it needs their judge
+    bootstrap(more, log=logs.append, judge=nano_judge())  # skips finished stages, runs the on-policy distillation
     assert any(line.startswith("distill: step 3/3") for line in logs)
     assert any(line.startswith("distill_on_policy: step 2/2") for line in logs)
     assert not any(line.startswith("pretrain: resuming") for line in logs)
@@ -59,7 +62,7 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     # The on-policy stage was built on the shorter distillation: run again from the longer one's weights.
     assert not (checkpoints / "distill_on_policy").exists()
     before = len(logs)
-    bootstrap(tiny_bootstrap_config(tmp_path / "boot", distill_steps=4), log=logs.append)
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", distill_steps=4), log=logs.append, judge=nano_judge())
     assert any(line.startswith("distill_on_policy: step 2/2") for line in logs[before:])
     assert not any("resuming" in line for line in logs[before:])
 
@@ -73,7 +76,7 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     assert not (checkpoints / "distill").exists() and not (checkpoints / "distill_on_policy").exists()
     assert json.loads((checkpoints / "superseded" / "distill" / "step.json").read_text())["step"] == 4
     before = len(logs)
-    bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append)
+    bootstrap(tiny_bootstrap_config(tmp_path / "boot", pretrain_steps=3), log=logs.append, judge=nano_judge())
     assert any(line.startswith("distill: step 2/2") for line in logs[before:])
     assert not any("resuming" in line for line in logs[before:])
     pipe = ZImagePipeline.from_pretrained(config.model_dir)
@@ -110,6 +113,32 @@ def test_on_policy_examples_are_the_students_states_with_the_teachers_endpoint_f
     remaining = torch.cat([torch.tensor([sigma]), examples.teacher_sigmas[examples.teacher_sigmas < sigma]])
     expected = teacher_sample(model, teacher, states[last], remaining, contexts[last], config.guidance)
     torch.testing.assert_close(targets[last], expected)
+
+
+def test_curated_on_policy_examples_are_those_the_judge_finds_right_and_every_free_caption(tiny_nano_bootstrap):
+    config = BootstrapConfig.from_workdir(tiny_nano_bootstrap.workdir, distill_batch=8)
+    model = load_training_model(config)
+    teacher = undistilled_teacher(model.pipeline.transformer, config)
+    every = RolloutTargets(model, teacher, config, torch.Generator().manual_seed(0)).draws[0]
+    judged_records = []
+
+    def reject_one_in_two(images, records):
+        judged_records.extend(records)
+        return [i % 2 == 0 for i in range(len(images))]
+
+    curated = RolloutTargets(model, teacher, config, torch.Generator().manual_seed(0), reject_one_in_two).draws[0]
+    # The same stream as the stage's: which items are GenEval-family captions (judged) and which free ones (kept).
+    items = WorldStream(config.seed + 4, config.task_weights).labelled_batch(config.distill_batch)
+    family = [i for i, (_, _, record) in enumerate(items) if record is not None]
+    assert 0 < len(family) < len(items)
+    assert [r["prompt"] for r in judged_records] == [items[i][1] for _ in range(4) for i in family]
+    graded = [step * len(items) + i for step in range(4) for i in family]  # step-major, as the examples
+    rejected = set(graded[1::2])
+    kept = [i for i in range(4 * len(items)) if i not in rejected]
+    torch.testing.assert_close(curated.states, every.states[kept])
+    torch.testing.assert_close(curated.targets, every.targets[kept])
+    assert curated.sigmas.tolist() == every.sigmas[kept].tolist()
+    assert len(curated.contexts) == len(kept)
 
 
 def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, tiny_nano_bootstrap):

@@ -3,7 +3,7 @@ protocol's rules. The same rules engine scores real GenEval with a COCO detector
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -26,6 +26,16 @@ def score_detections(
     """Score images whose detections are already known."""
     verdicts = [evaluate_image(im, d, r) for im, d, r in zip(images, detections, records, strict=True)]
     return aggregate(verdicts), verdicts
+
+
+def rules_judge(detector: Detector) -> Callable[[list[Image.Image], list[dict]], list[bool]]:
+    """A judge of whether each image draws its GenEval record right, by `detector` and the rules: the nano
+    bootstrap's on-policy distillation keeps only the teacher endpoints it finds right (`curate_on_policy`)."""
+
+    def judge(images: list[Image.Image], records: list[dict]) -> list[bool]:
+        return [verdict.correct for verdict in score_images(images, records, detector)[1]]
+
+    return judge
 
 
 def geneval_nano(
