@@ -41,6 +41,7 @@ def test_bootstrap_stages_resume_and_produce_a_pipeline(tmp_path):
     more = tiny_bootstrap_config(tmp_path / "boot", distill_steps=3)
     with pytest.raises(ValueError, match="curate_on_policy needs a judge"):
         bootstrap(more, log=logs.append)  # the on-policy stage curates its examples: it needs their judge
+    assert not any(line.startswith("distill:") for line in logs)  # refused before any stage ran
     bootstrap(more, log=logs.append, judge=nano_judge())  # skips finished stages, runs the on-policy distillation
     assert any(line.startswith("distill: step 3/3") for line in logs)
     assert any(line.startswith("distill_on_policy: step 2/2") for line in logs)

@@ -725,16 +725,21 @@ class RolloutTargets:
         return Rollouts([contexts[i] for i in chosen.tolist()], states[chosen], sigmas[chosen], targets[chosen])
 
 
-def distill_on_policy(config: BootstrapConfig, log: Callable[[str], None] = print, judge: Judge | None = None) -> None:
-    """Continue distillation where the student goes: at each state of its own 4-step rollout from fresh noise
-    (detached, as D-OPSD rolls out), predict the undistilled teacher's endpoint from that very state, so the later
-    steps learn to finish the student's own guesses as the teacher would; with `curate_on_policy`, only where
-    `judge` finds that endpoint right."""
+def require_judge(config: BootstrapConfig, judge: Judge | None) -> None:
+    """Refuse a curated on-policy stage without the judge of its examples."""
     if config.curate_on_policy and judge is None:
         raise ValueError(
             "curate_on_policy needs a judge of the teacher's endpoints (dopsd nano bootstrap passes the nano "
             "detector's rules_judge); set curate_on_policy=False to distil every endpoint"
         )
+
+
+def distill_on_policy(config: BootstrapConfig, log: Callable[[str], None] = print, judge: Judge | None = None) -> None:
+    """Continue distillation where the student goes: at each state of its own 4-step rollout from fresh noise
+    (detached, as D-OPSD rolls out), predict the undistilled teacher's endpoint from that very state, so the later
+    steps learn to finish the student's own guesses as the teacher would; with `curate_on_policy`, only where
+    `judge` finds that endpoint right."""
+    require_judge(config, judge)
     model = load_training_model(config)
     transformer = model.pipeline.transformer
     teacher = undistilled_teacher(transformer, config)
@@ -815,6 +820,9 @@ def bootstrap(
     torch.set_num_threads(config.threads)
     done_file = Path(config.workdir) / "done.json"
     done: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    on_policy_to_run = "distill_on_policy" in stages if stages else "distill_on_policy" not in done
+    if on_policy_to_run:
+        require_judge(config, judge)  # before the stages ahead of it spend hours
     if not (config.model_dir / "model_index.json").is_file():
         build_nano_pipeline(config.model_dir, seed=config.seed)
     (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
