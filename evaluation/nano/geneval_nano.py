@@ -3,7 +3,8 @@ protocol's rules. The same rules engine scores real GenEval with a COCO detector
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -11,6 +12,9 @@ from dopsd.models.base import FewStepModel
 from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detection, Detector
 from evaluation.geneval.rules import GenevalScore, Verdict, aggregate, evaluate_image
+
+if TYPE_CHECKING:
+    from dopsd.nano.bootstrap import Judge
 
 
 def score_images(
@@ -28,7 +32,7 @@ def score_detections(
     return aggregate(verdicts), verdicts
 
 
-def rules_judge(detector: Detector) -> Callable[[list[Image.Image], list[dict]], list[bool]]:
+def rules_judge(detector: Detector) -> Judge:
     """A judge of whether each image draws its GenEval record right, by `detector` and the rules: the nano
     bootstrap's on-policy distillation keeps only the teacher endpoints it finds right (`curate_on_policy`)."""
 
