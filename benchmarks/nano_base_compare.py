@@ -1,0 +1,90 @@
+"""Two nano base candidates, paired: GenEval-nano at the deployed 4 steps on the held-out prompts, both sampled from
+the same noise per (prompt, seed), the candidate minus the baseline overall and per task family with 95% intervals
+over the prompts (`evaluation/geneval/intervals.py`). This is how a bootstrap variant is judged before it is adopted:
+two bases a few hundredths apart are within another draw of prompts unless the interval says otherwise.
+
+A side is a model folder (`data/nano/model`) or a bootstrap work folder and one of its stages
+(`runs/boot:distill_on_policy`: the pipeline of that folder with the stage's newest checkpoint).
+
+Measured (2026-12-07, 2 CPU cores, 104 prompts x 8 seeds, ~40 s): the adopted base against its curated on-policy
+stage continued to 640 steps (`dopsd nano bootstrap --workdir runs/boot-curated-640 --stage distill_on_policy
+--on-policy-steps 640`, on a copy of data/nano/bootstrap) read 0.556 against 0.513, -0.043 [-0.069, -0.018]:
+
+    .venv/bin/python benchmarks/nano_base_compare.py --baseline data/nano/model \\
+        --candidate runs/boot-curated-640:distill_on_policy
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dopsd.models.zimage import ZImageModel
+from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
+from evaluation.geneval.detection import Detector
+from evaluation.geneval.intervals import family_differences
+from evaluation.geneval.rules import GenevalScore, read_metadata
+from evaluation.nano.base_report import STAGE_STEPS, checkpoint_model
+from evaluation.nano.detector import NanoDetector
+from evaluation.nano.geneval_nano import geneval_nano
+
+
+def load_side(spec: str) -> ZImageModel:
+    """`MODEL_DIR` or `WORKDIR:STAGE` -> the model it names."""
+    folder, _, stage = spec.partition(":")
+    if stage:
+        if stage not in STAGE_STEPS:
+            raise SystemExit(f"{spec}: stage {stage!r} has no model to score (one of {list(STAGE_STEPS)})")
+        return checkpoint_model(folder, stage)
+    if not (Path(folder) / "model_index.json").is_file():
+        raise SystemExit(f"{spec}: no model_index.json there (a model folder, or WORKDIR:STAGE of a bootstrap)")
+    return ZImageModel.load(folder, max_caption_tokens=NANO_CAPTION_TOKENS)
+
+
+def scored_rows(
+    model: ZImageModel, records: Sequence[dict], seeds: Sequence[int], detector: Detector
+) -> tuple[GenevalScore, list[dict]]:
+    """GenEval-nano at 4 steps, and one verdict row (`prompt`, `seed`, `tag`, `correct`) per image."""
+    score, verdicts, _ = geneval_nano(model, records, seeds, 4, detector, NANO_RESOLUTION)
+    asked = [(record["prompt"], seed) for record in records for seed in seeds]
+    rows = [
+        {"prompt": prompt, "seed": seed, "tag": v.tag, "correct": v.correct}
+        for (prompt, seed), v in zip(asked, verdicts, strict=True)
+    ]
+    return score, rows
+
+
+def comparison_lines(
+    baseline: str, candidate: str, records: list[dict], seeds: list[int], detector: Detector
+) -> list[str]:
+    """Both sides' scores, then the paired difference overall and per family."""
+    scored = {spec: scored_rows(load_side(spec), records, seeds, detector) for spec in (baseline, candidate)}
+    lines = [f"GenEval-nano @4, {len(records)} prompts x {len(seeds)} seeds:"]
+    for spec, (score, _) in scored.items():
+        tasks = ", ".join(f"{task} {value:.3f}" for task, value in score.tasks.items())
+        lines.append(f"  {spec}: {score.overall:.3f} ({tasks})")
+    differences = family_differences([scored[baseline][1]], [scored[candidate][1]])
+    lines.append("candidate - baseline, 95% over prompts:")
+    lines += [f"  {tag}: {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for tag, d in differences.items()]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", required=True, help="MODEL_DIR or WORKDIR:STAGE")
+    parser.add_argument("--candidate", required=True, help="MODEL_DIR or WORKDIR:STAGE")
+    parser.add_argument("--prompts", default="data/nano/world/base_prompts.jsonl", help="held-out GenEval-nano prompts")
+    parser.add_argument("--seeds", type=int, default=8, help="noise seeds per prompt (0..N-1)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    records = read_metadata(args.prompts)
+    lines = comparison_lines(args.baseline, args.candidate, records, list(range(args.seeds)), NanoDetector.load())
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
