@@ -24,12 +24,13 @@ import torch
 
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
+from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detector
 from evaluation.geneval.intervals import family_differences
-from evaluation.geneval.rules import GenevalScore, read_metadata
+from evaluation.geneval.rules import GenevalScore, detector_colours, read_metadata
 from evaluation.nano.base_report import STAGE_STEPS, checkpoint_model
 from evaluation.nano.detector import NanoDetector
-from evaluation.nano.geneval_nano import geneval_nano
+from evaluation.suite import rows_score, verdict_rows
 
 
 def load_side(spec: str) -> ZImageModel:
@@ -47,14 +48,12 @@ def load_side(spec: str) -> ZImageModel:
 def scored_rows(
     model: ZImageModel, records: Sequence[dict], seeds: Sequence[int], detector: Detector
 ) -> tuple[GenevalScore, list[dict]]:
-    """GenEval-nano at 4 steps, and one verdict row (`prompt`, `seed`, `tag`, `correct`) per image."""
-    score, verdicts, _ = geneval_nano(model, records, seeds, 4, detector, NANO_RESOLUTION)
-    asked = [(record["prompt"], seed) for record in records for seed in seeds]
-    rows = [
-        {"prompt": prompt, "seed": seed, "tag": v.tag, "correct": v.correct}
-        for (prompt, seed), v in zip(asked, verdicts, strict=True)
-    ]
-    return score, rows
+    """GenEval-nano at 4 steps and the suite's verdict row of each image (each image judged once)."""
+    contexts = model.encode_student([record["prompt"] for record in records])
+    images = sample_images(model, contexts, seeds, 4, NANO_RESOLUTION)
+    shown = [record for record in records for _ in seeds]
+    rows = verdict_rows(detector, images, shown, [seed for _ in records for seed in seeds], detector_colours)
+    return rows_score(rows), rows
 
 
 def comparison_lines(
