@@ -223,6 +223,12 @@ def nano_bootstrap(
     pretrain_steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
     distill_steps: Annotated[int | None, typer.Option(help="Distillation steps.")] = None,
     on_policy_steps: Annotated[int | None, typer.Option(help="On-policy distillation steps.")] = None,
+    curate_distill: Annotated[
+        bool,
+        typer.Option(
+            help="Straight-line distillation learns only the teacher endpoints the nano detector finds right."
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     device: Annotated[str, typer.Option(help="cuda or cpu (default: cuda when available).")] = "",
     data_workers: Annotated[
@@ -255,12 +261,13 @@ def nano_bootstrap(
         device=device,
         data_workers=data_workers,
         compile=compile_blocks,
+        curate_distill=curate_distill,
         **chosen,
     )
     unknown = sorted(set(stage or ()) - set(STAGES))
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
-    judge = rules_judge(NanoDetector.load()) if config.curate_on_policy else None
+    judge = rules_judge(NanoDetector.load()) if config.curate_on_policy or config.curate_distill else None
     model_dir = bootstrap(config, tuple(stage) if stage else None, log=typer.echo, judge=judge)
     if export_to:
         typer.echo(f"model exported to {export(config, export_to)}")

@@ -12,10 +12,12 @@ from dopsd.models import load_model
 from dopsd.nano.bootstrap import (
     BootstrapConfig,
     RolloutTargets,
+    TeacherPairs,
     WorldStream,
     bootstrap,
     load_training_model,
     machine_description,
+    require_judge,
     teacher_sample,
     undistilled_teacher,
 )
@@ -140,6 +142,45 @@ def test_curated_on_policy_examples_are_those_the_judge_finds_right_and_every_fr
     torch.testing.assert_close(curated.targets, every.targets[kept])
     assert curated.sigmas.tolist() == every.sigmas[kept].tolist()
     assert len(curated.contexts) == len(kept)
+
+
+def test_curated_teacher_pairs_are_those_the_judge_finds_right_and_every_free_caption(tiny_nano_bootstrap):
+    config = BootstrapConfig.from_workdir(tiny_nano_bootstrap.workdir, distill_batch=8, teacher_pairs=8)
+    model = load_training_model(config)
+    teacher = undistilled_teacher(model.pipeline.transformer, config)
+
+    def pairs(judge=None) -> TeacherPairs:
+        stream = WorldStream(config.seed + 3, config.task_weights)
+        return TeacherPairs(model, teacher, stream, config, torch.Generator().manual_seed(0), judge)
+
+    judged_records = []
+
+    def reject_one_in_two(images, records):
+        judged_records.extend(records)
+        return [i % 2 == 0 for i in range(len(images))]
+
+    every, curated = pairs(), pairs(reject_one_in_two)
+    items = WorldStream(config.seed + 3, config.task_weights).labelled_batch(config.distill_batch)
+    family = [i for i, (_, _, record) in enumerate(items) if record is not None]
+    assert 0 < len(family) < len(items)
+    assert [r["prompt"] for r in judged_records[: len(family)]] == [items[i][1] for i in family]
+    rejected = set(family[1::2])
+    kept = [i for i in range(len(items)) if i not in rejected]
+    # The first draw's kept pairs lead the pool; later draws fill it up to `teacher_pairs`.
+    assert len(curated.contexts) == config.teacher_pairs and len(judged_records) > len(family)
+    torch.testing.assert_close(curated.targets[: len(kept)], every.targets[kept])
+    torch.testing.assert_close(curated.noise[: len(kept)], every.noise[kept])
+    for n, i in enumerate(kept):
+        assert all(torch.equal(curated.contexts[n][key], every.contexts[i][key]) for key in every.contexts[i])
+
+
+def test_a_curated_distillation_stage_needs_a_judge(tmp_path):
+    for stage, flag in (("distill", "curate_distill"), ("distill_on_policy", "curate_on_policy")):
+        config = tiny_bootstrap_config(tmp_path, curate_distill=True, curate_on_policy=True)
+        with pytest.raises(ValueError, match=f"{flag} needs a judge"):
+            require_judge(config, None, stage)
+        require_judge(tiny_bootstrap_config(tmp_path, **{flag: False}), None, stage)  # uncurated: no judge needed
+    require_judge(tiny_bootstrap_config(tmp_path, curate_distill=True), None, "pretrain")
 
 
 def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, tiny_nano_bootstrap):

@@ -136,6 +136,9 @@ class BootstrapConfig:
     """On-policy distillation learning rate."""
     distill_on_policy_decay_steps: int = 100
     """Final on-policy steps over which the learning rate falls linearly to zero."""
+    curate_distill: bool = False
+    """Keep a straight-line teacher endpoint of a GenEval-family caption only where the judge finds it right, as
+    `curate_on_policy` does for the on-policy examples (free captions are always kept)."""
     curate_on_policy: bool = True
     """Keep an on-policy example of a GenEval-family caption only where the teacher's endpoint from its state draws
     the caption right (judged by the nano detector and the GenEval rules; free captions are always kept). The
@@ -578,12 +581,40 @@ def teacher_sample(
         model.transformer = student
 
 
+Judge = Callable[[list[Image.Image], list[dict]], list[bool]]
+"""Whether each image draws its GenEval record right (for the nano world: its detector and the GenEval rules,
+`evaluation.nano.geneval_nano.rules_judge`)."""
+
+
+def judged_right(
+    judge: Judge | None, model: ZImageModel, targets: torch.Tensor, records: list[dict | None]
+) -> list[int]:
+    """Indices of the teacher endpoints to learn: those the judge finds right for their caption's GenEval record,
+    and every free caption's (no record to judge by); all of them without a judge. The teacher gets about four in
+    ten family captions wrong (a count, a colour, a place), and the student would learn those drawings too."""
+    graded = {i: record for i, record in enumerate(records) if record is not None}
+    if judge is None or not graded:
+        return list(range(len(records)))
+    verdicts = judge(model.to_images(targets[list(graded)]), list(graded.values()))
+    wrong = {i for i, right in zip(graded, verdicts, strict=True) if not right}
+    return [i for i in range(len(records)) if i not in wrong]
+
+
 class TeacherPairs:
     """(context, noise, teacher endpoint) triples of the undistilled teacher, a batch of them replaced every
-    `refresh_every` steps: a `teacher_steps`-step sample per training example would cost ~10x the student step."""
+    `refresh_every` steps: a `teacher_steps`-step sample per training example would cost ~10x the student step.
+    With a `judge`, only the endpoints it finds right (`judged_right`)."""
 
-    def __init__(self, model: ZImageModel, teacher, stream: WorldStream, config: BootstrapConfig, generator):
-        self.model, self.teacher, self.stream, self.config = model, teacher, stream, config
+    def __init__(
+        self,
+        model: ZImageModel,
+        teacher: ModelMixin,
+        stream: WorldStream,
+        config: BootstrapConfig,
+        generator: torch.Generator,
+        judge: Judge | None = None,
+    ):
+        self.model, self.teacher, self.stream, self.config, self.judge = model, teacher, stream, config, judge
         self.sigmas = model.schedule(config.teacher_steps, NANO_RESOLUTION, NANO_RESOLUTION)
         self.contexts: list[dict[str, torch.Tensor]] = []
         noise, targets = [], []
@@ -592,14 +623,21 @@ class TeacherPairs:
             self.contexts += contexts
             noise.append(n)
             targets.append(t)
-        self.noise, self.targets = torch.cat(noise), torch.cat(targets)
+        kept = config.teacher_pairs  # a curated draw keeps fewer than a batch: the last one overshoots
+        self.contexts, self.noise, self.targets = (
+            self.contexts[:kept],
+            torch.cat(noise)[:kept],
+            torch.cat(targets)[:kept],
+        )
         self.step = 0
 
     @torch.no_grad()
     def _draw(self, generator) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        contexts, noise, _ = distillation_inputs(self.model, self.stream, self.config, generator)
+        contexts, noise, records = distillation_inputs(self.model, self.stream, self.config, generator)
         target = teacher_sample(self.model, self.teacher, noise, self.sigmas, contexts, self.config.guidance)
-        return contexts, noise, target
+        kept = judged_right(self.judge, self.model, target, records)
+        index = torch.tensor(kept, dtype=torch.long)
+        return [contexts[i] for i in kept], noise[index], target[index]
 
     def batch(self, generator) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
         self.step += 1
@@ -613,9 +651,11 @@ class TeacherPairs:
         return [self.contexts[i] for i in chosen.tolist()], self.noise[chosen], self.targets[chosen]
 
 
-def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None:
+def distill(config: BootstrapConfig, log: Callable[[str], None] = print, judge: Judge | None = None) -> None:
     """Teach the 4-step schedule: at each of the student's states on the straight path between a noise and the
-    undistilled teacher's `teacher_steps`-step sample from it, predict that sample."""
+    undistilled teacher's `teacher_steps`-step sample from it, predict that sample; with `curate_distill`, only
+    where `judge` finds that sample right."""
+    require_judge(config, judge, "distill")
     model = load_training_model(config)
     transformer = model.pipeline.transformer
     teacher = undistilled_teacher(transformer, config)
@@ -625,7 +665,12 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print) -> None
     compile_blocks(teacher, config)
     student_sigmas = model.schedule(4, NANO_RESOLUTION, NANO_RESOLUTION)[:-1]
     pairs = TeacherPairs(
-        model, teacher, WorldStream(config.seed + 3, config.task_weights), config, torch.Generator().manual_seed(7)
+        model,
+        teacher,
+        WorldStream(config.seed + 3, config.task_weights),
+        config,
+        torch.Generator().manual_seed(7),
+        judge if config.curate_distill else None,
     )
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
@@ -659,15 +704,10 @@ class Rollouts(NamedTuple):
     """The undistilled teacher's endpoint from each state."""
 
 
-Judge = Callable[[list[Image.Image], list[dict]], list[bool]]
-"""Whether each image draws its GenEval record right (for the nano world: its detector and the GenEval rules,
-`evaluation.nano.geneval_nano.rules_judge`)."""
-
-
 class RolloutTargets:
     """(context, state, sigma, teacher endpoint) examples at the student's own 4-step states, from fresh noise; the
     examples of `rollout_draws` batches kept, one batch replaced every `rollout_refresh_every` steps by the current
-    student's rollouts. With a `judge`, only the examples whose teacher endpoint draws its caption right (`judged`)."""
+    student's rollouts. With a `judge`, only the examples whose teacher endpoint it finds right (`judged_right`)."""
 
     def __init__(
         self,
@@ -696,22 +736,12 @@ class RolloutTargets:
             sigmas.append(t)
             targets.append(teacher_sample(self.model, self.teacher, x, remaining, contexts, self.config.guidance))
             x = x + (sigma_next - sigma) * self.model.velocity(x, t, contexts)
-        rollouts = Rollouts(contexts * len(states), torch.cat(states), torch.cat(sigmas), torch.cat(targets))
-        return self.judged(rollouts, records * len(states))
-
-    def judged(self, rollouts: Rollouts, records: list[dict | None]) -> Rollouts:
-        """The examples whose teacher endpoint the judge finds right for its caption's GenEval record (free captions,
-        which have none, are all kept; all are, without a judge): the teacher gets about four in ten family captions
-        wrong (a count, a colour, a place), and the student would learn those drawings too."""
-        graded = {i: record for i, record in enumerate(records) if record is not None}
-        if self.judge is None or not graded:
-            return rollouts
-        right = self.judge(self.model.to_images(rollouts.targets[list(graded)]), list(graded.values()))
-        wrong = {i for i, verdict in zip(graded, right, strict=True) if not verdict}
-        kept = [i for i in range(len(records)) if i not in wrong]
+        every = Rollouts(contexts * len(states), torch.cat(states), torch.cat(sigmas), torch.cat(targets))
+        kept = judged_right(self.judge, self.model, every.targets, records * len(states))
         index = torch.tensor(kept, dtype=torch.long)
-        contexts = [rollouts.contexts[i] for i in kept]
-        return Rollouts(contexts, rollouts.states[index], rollouts.sigmas[index], rollouts.targets[index])
+        return Rollouts(
+            [every.contexts[i] for i in kept], every.states[index], every.sigmas[index], every.targets[index]
+        )
 
     def batch(self, generator: torch.Generator) -> Rollouts:
         self.step += 1
@@ -725,12 +755,17 @@ class RolloutTargets:
         return Rollouts([contexts[i] for i in chosen.tolist()], states[chosen], sigmas[chosen], targets[chosen])
 
 
-def require_judge(config: BootstrapConfig, judge: Judge | None) -> None:
-    """Refuse a curated on-policy stage without the judge of its examples."""
-    if config.curate_on_policy and judge is None:
+CURATION_FLAGS = {"distill": "curate_distill", "distill_on_policy": "curate_on_policy"}
+"""The config flag by which each distillation stage keeps only the teacher endpoints its judge finds right."""
+
+
+def require_judge(config: BootstrapConfig, judge: Judge | None, stage: str) -> None:
+    """Refuse a curated distillation stage without the judge of its teacher's endpoints."""
+    flag = CURATION_FLAGS.get(stage)
+    if flag and getattr(config, flag) and judge is None:
         raise ValueError(
-            "curate_on_policy needs a judge of the teacher's endpoints (dopsd nano bootstrap passes the nano "
-            "detector's rules_judge); set curate_on_policy=False to distil every endpoint"
+            f"{flag} needs a judge of the teacher's endpoints (dopsd nano bootstrap passes the nano detector's "
+            f"rules_judge); set {flag}=False to distil every endpoint"
         )
 
 
@@ -739,7 +774,7 @@ def distill_on_policy(config: BootstrapConfig, log: Callable[[str], None] = prin
     (detached, as D-OPSD rolls out), predict the undistilled teacher's endpoint from that very state, so the later
     steps learn to finish the student's own guesses as the teacher would; with `curate_on_policy`, only where
     `judge` finds that endpoint right."""
-    require_judge(config, judge)
+    require_judge(config, judge, "distill_on_policy")
     model = load_training_model(config)
     transformer = model.pipeline.transformer
     teacher = undistilled_teacher(transformer, config)
@@ -814,15 +849,17 @@ def bootstrap(
     """Run every stage in order, skipping finished ones; stages named explicitly run even when finished, from
     their newest checkpoint (raise their step count to train them further). A stage that runs makes the later ones
     stale: they are run again from scratch, their checkpoints set aside in `checkpoints/superseded/`. `judge`: the
-    on-policy stage's curation (`curate_on_policy`). Returns the model folder."""
-    on_policy = partial(distill_on_policy, judge=judge)
-    stage_functions: dict[str, Stage] = {**STAGE_FUNCTIONS, "distill_on_policy": on_policy}
+    distillation stages' curation (`curate_distill`, `curate_on_policy`). Returns the model folder."""
+    stage_functions: dict[str, Stage] = {
+        **STAGE_FUNCTIONS,
+        "distill": partial(distill, judge=judge),
+        "distill_on_policy": partial(distill_on_policy, judge=judge),
+    }
     torch.set_num_threads(config.threads)
     done_file = Path(config.workdir) / "done.json"
     done: dict[str, dict] = json.loads(done_file.read_text()) if done_file.is_file() else {}
-    on_policy_to_run = "distill_on_policy" in stages if stages else "distill_on_policy" not in done
-    if on_policy_to_run:
-        require_judge(config, judge)  # before the stages ahead of it spend hours
+    for stage in stages or tuple(s for s in STAGES if s not in done):
+        require_judge(config, judge, stage)  # before the stages ahead of it spend hours
     if not (config.model_dir / "model_index.json").is_file():
         build_nano_pipeline(config.model_dir, seed=config.seed)
     (Path(config.workdir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
