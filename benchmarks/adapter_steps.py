@@ -28,12 +28,11 @@ from dopsd.config import comma_separated, parse_dataclass_args
 from dopsd.models import load_model
 from dopsd.models.base import Context, FewStepModel
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.sampling import sample_images
 from evaluation.geneval.rules import detector_colours
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.premise import blank_share
 from evaluation.prompt_sets import first_per_task, read_prompts, retention_set
-from evaluation.suite import rows_score, verdict_rows
+from evaluation.suite import rows_score, sampled_verdict_rows
 
 BASE = "base"
 
@@ -106,11 +105,7 @@ def score(
     """GenEval-nano overall and blank share of the model's samples of `records` (context-major, as sampled), both
     read from the suite's verdict rows (each image judged once)."""
     seeds = range(config.images)
-    images = sample_images(
-        model, model.encode_student([r["prompt"] for r in records]), seeds, config.steps, NANO_RESOLUTION
-    )
-    shown = [r for r in records for _ in seeds]
-    rows = verdict_rows(detector, images, shown, [seed for _ in records for seed in seeds], detector_colours)
+    rows = sampled_verdict_rows(model, records, seeds, config.steps, NANO_RESOLUTION, detector, detector_colours)
     return {"overall": rows_score(rows).overall, "blank": blank_share(rows)}
 
 

@@ -24,13 +24,12 @@ import torch
 
 from dopsd.models.zimage import ZImageModel
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
-from dopsd.sampling import sample_images
 from evaluation.geneval.detection import Detector
 from evaluation.geneval.intervals import family_differences
 from evaluation.geneval.rules import GenevalScore, detector_colours, read_metadata
 from evaluation.nano.base_report import STAGE_STEPS, checkpoint_model
 from evaluation.nano.detector import NanoDetector
-from evaluation.suite import rows_score, verdict_rows
+from evaluation.suite import rows_score, sampled_verdict_rows
 
 
 def load_side(spec: str) -> ZImageModel:
@@ -49,10 +48,7 @@ def scored_rows(
     model: ZImageModel, records: Sequence[dict], seeds: Sequence[int], detector: Detector
 ) -> tuple[GenevalScore, list[dict]]:
     """GenEval-nano at 4 steps and the suite's verdict row of each image (each image judged once)."""
-    contexts = model.encode_student([record["prompt"] for record in records])
-    images = sample_images(model, contexts, seeds, 4, NANO_RESOLUTION)
-    shown = [record for record in records for _ in seeds]
-    rows = verdict_rows(detector, images, shown, [seed for _ in records for seed in seeds], detector_colours)
+    rows = sampled_verdict_rows(model, records, seeds, 4, NANO_RESOLUTION, detector, detector_colours)
     return rows_score(rows), rows
 
 

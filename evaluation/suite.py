@@ -166,6 +166,22 @@ def verdict_rows(
     ]
 
 
+def sampled_verdict_rows(
+    model: FewStepModel,
+    records: Sequence[dict],
+    seeds: Sequence[int],
+    steps: int,
+    resolution: int,
+    detector: Detector,
+    classify_colour: ColourClassifier,
+) -> list[dict]:
+    """Sample every record's prompt alone (the deployed setting) at every seed and give each image's `verdict_row`,
+    record-major as sampled."""
+    images = sample_images(model, model.encode_student([r["prompt"] for r in records]), seeds, steps, resolution)
+    shown = [record for record in records for _ in seeds]
+    return verdict_rows(detector, images, shown, [seed for _ in records for seed in seeds], classify_colour)
+
+
 def rows_score(rows: Sequence[dict]) -> GenevalScore:
     """The GenEval score of verdict rows (`verdict_row`), read back as verdicts."""
     return aggregate([Verdict(row["tag"], row["correct"], row["reason"]) for row in rows])

@@ -34,7 +34,8 @@ def score_detections(
 
 def rules_judge(detector: Detector) -> Judge:
     """A judge of whether each image draws its GenEval record right, by `detector` and the rules: the nano
-    bootstrap's on-policy distillation keeps only the teacher endpoints it finds right (`curate_on_policy`)."""
+    bootstrap's distillation keeps only the teacher endpoints it finds right (`curate_on_policy`, and with
+    `curate_distill` the straight-line stage too)."""
 
     def judge(images: list[Image.Image], records: list[dict]) -> list[bool]:
         return [verdict.correct for verdict in score_images(images, records, detector)[1]]
