@@ -4,7 +4,9 @@ over the prompts (`evaluation/geneval/intervals.py`). This is how a bootstrap va
 two bases a few hundredths apart are within another draw of prompts unless the interval says otherwise.
 
 A side is a model folder (`data/nano/model`) or a bootstrap work folder and one of its stages
-(`runs/boot:distill_on_policy`: the pipeline of that folder with the stage's newest checkpoint).
+(`runs/boot:distill_on_policy`: the pipeline of that folder with the stage's newest checkpoint). Undistilled teachers
+(`WORKDIR:pretrain`) are compared as they are used, at 32 steps with the bootstrap's guidance: `--steps 32
+--guidance 3`.
 
 Measured (2026-12-07, 2 CPU cores, 104 prompts x 8 seeds, ~40 s): the adopted base against its curated on-policy
 stage continued to 640 steps (`dopsd nano bootstrap --workdir runs/boot-curated-640 --stage distill_on_policy
@@ -45,19 +47,28 @@ def load_side(spec: str) -> ZImageModel:
 
 
 def scored_rows(
-    model: ZImageModel, records: Sequence[dict], seeds: Sequence[int], detector: Detector
+    model: ZImageModel, records: Sequence[dict], seeds: Sequence[int], detector: Detector, steps: int, guidance: float
 ) -> tuple[GenevalScore, list[dict]]:
-    """GenEval-nano at 4 steps and the suite's verdict row of each image (each image judged once)."""
-    rows = sampled_verdict_rows(model, records, seeds, 4, NANO_RESOLUTION, detector, detector_colours)
+    """GenEval-nano and the suite's verdict row of each image (each image judged once)."""
+    rows = sampled_verdict_rows(model, records, seeds, steps, NANO_RESOLUTION, detector, detector_colours, guidance)
     return rows_score(rows), rows
 
 
 def comparison_lines(
-    baseline: str, candidate: str, records: list[dict], seeds: list[int], detector: Detector
+    baseline: str,
+    candidate: str,
+    records: list[dict],
+    seeds: list[int],
+    detector: Detector,
+    steps: int = 4,
+    guidance: float = 0.0,
 ) -> list[str]:
-    """Both sides' scores, then the paired difference overall and per family."""
-    scored = {spec: scored_rows(load_side(spec), records, seeds, detector) for spec in (baseline, candidate)}
-    lines = [f"GenEval-nano @4, {len(records)} prompts x {len(seeds)} seeds:"]
+    """Both sides' scores sampled at `steps` with `guidance` (4 and none: the distilled model's deployed setting),
+    then the paired difference overall and per family."""
+    sides = (baseline, candidate)
+    scored = {spec: scored_rows(load_side(spec), records, seeds, detector, steps, guidance) for spec in sides}
+    guided = f", guidance {guidance:g}" if guidance else ""
+    lines = [f"GenEval-nano @{steps}{guided}, {len(records)} prompts x {len(seeds)} seeds:"]
     for spec, (score, _) in scored.items():
         tasks = ", ".join(f"{task} {value:.3f}" for task, value in score.tasks.items())
         lines.append(f"  {spec}: {score.overall:.3f} ({tasks})")
@@ -73,11 +84,14 @@ def main() -> None:
     parser.add_argument("--candidate", required=True, help="MODEL_DIR or WORKDIR:STAGE")
     parser.add_argument("--prompts", default="data/nano/world/base_prompts.jsonl", help="held-out GenEval-nano prompts")
     parser.add_argument("--seeds", type=int, default=8, help="noise seeds per prompt (0..N-1)")
+    parser.add_argument("--steps", type=int, default=4, help="Euler steps (32 for an undistilled teacher)")
+    parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance (3 for the teacher)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     records = read_metadata(args.prompts)
-    lines = comparison_lines(args.baseline, args.candidate, records, list(range(args.seeds)), NanoDetector.load())
+    seeds, detector = list(range(args.seeds)), NanoDetector.load()
+    lines = comparison_lines(args.baseline, args.candidate, records, seeds, detector, args.steps, args.guidance)
     print("\n".join(lines))
 
 

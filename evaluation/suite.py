@@ -174,10 +174,12 @@ def sampled_verdict_rows(
     resolution: int,
     detector: Detector,
     classify_colour: ColourClassifier,
+    guidance: float = 0.0,
 ) -> list[dict]:
     """Sample every record's prompt alone (the deployed setting) at every seed and give each image's `verdict_row`,
-    record-major as sampled."""
-    images = sample_images(model, model.encode_student([r["prompt"] for r in records]), seeds, steps, resolution)
+    record-major as sampled. `guidance`: classifier-free guidance, for an undistilled model (see euler_sample)."""
+    contexts = model.encode_student([r["prompt"] for r in records])
+    images = sample_images(model, contexts, seeds, steps, resolution, guidance=guidance)
     shown = [record for record in records for _ in seeds]
     return verdict_rows(detector, images, shown, [seed for _ in records for seed in seeds], classify_colour)
 
