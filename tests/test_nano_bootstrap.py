@@ -18,6 +18,7 @@ from dopsd.nano.bootstrap import (
     load_training_model,
     machine_description,
     require_judge,
+    sitting_seed,
     teacher_sample,
     undistilled_teacher,
 )
@@ -131,7 +132,9 @@ def test_curated_on_policy_examples_are_those_the_judge_finds_right_and_every_fr
 
     curated = RolloutTargets(model, teacher, config, torch.Generator().manual_seed(0), reject_one_in_two).draws[0]
     # The same stream as the stage's: which items are GenEval-family captions (judged) and which free ones (kept).
-    items = WorldStream(config.seed + 4, config.task_weights).labelled_batch(config.distill_batch)
+    items = WorldStream(sitting_seed(config, "distill_on_policy", 4), config.task_weights).labelled_batch(
+        config.distill_batch
+    )
     family = [i for i, (_, _, record) in enumerate(items) if record is not None]
     assert 0 < len(family) < len(items)
     assert [r["prompt"] for r in judged_records] == [items[i][1] for _ in range(4) for i in family]
@@ -186,8 +189,6 @@ def test_a_curated_distillation_stage_needs_a_judge(tmp_path):
 def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, tiny_nano_bootstrap):
     import shutil
 
-    import numpy as np
-
     from dopsd.nano.bootstrap import LatentPool, WorldStream, pretraining_batch, pretraining_batches
 
     # On the CPU, where the workers compute: the same kernels, so the same numbers.
@@ -197,7 +198,7 @@ def test_worker_processes_prepare_the_batches_their_own_stream_draws(tmp_path, t
     from_worker = [next(batches) for _ in range(2)]
     batches.close()
     # The worker's batches are those of its stream, unpacked into one context per item on the model's device.
-    stream = WorldStream(np.random.SeedSequence(config.seed + 2).spawn(1)[0], config.task_weights)
+    stream = WorldStream(sitting_seed(config, "pretrain", 2).spawn(1)[0], config.task_weights)
     pool = LatentPool(model, stream, config.pool_size, config.pool_refresh)
     for latents, contexts in from_worker:
         expected_latents, expected_contexts = pretraining_batch(model, pool, config, 4)
@@ -364,3 +365,19 @@ def test_config_of_a_copied_work_folder_reads_as_the_copy(tmp_path):
     read = BootstrapConfig.from_workdir(copy, threads=2)
     assert read == replace(config, workdir=str(copy), threads=2)
     assert read.stage_dir("distill") == copy / "checkpoints" / "distill"
+
+
+def test_each_sitting_of_a_resumed_stage_draws_scenes_of_its_own(tmp_path):
+    config = BootstrapConfig(workdir=str(tmp_path))
+
+    def captions(seed) -> list[str]:
+        return [caption for _, caption in WorldStream(seed).batch(8)]
+
+    first = captions(sitting_seed(config, "pretrain", 2))
+    assert first == captions(config.seed + 2)  # a first sitting draws as the committed base's stages did
+    config.stage_dir("pretrain").mkdir(parents=True)
+    (config.stage_dir("pretrain") / "step.json").write_text(json.dumps({"step": 200, "seconds": 400}))
+    resumed = captions(sitting_seed(config, "pretrain", 2))
+    assert resumed != first
+    assert resumed == captions(sitting_seed(config, "pretrain", 2))  # still reproducible from the checkpoint
+    assert captions(sitting_seed(config, "distill", 2)) == first  # another stage's progress is not this one's

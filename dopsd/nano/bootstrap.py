@@ -177,6 +177,16 @@ class BootstrapConfig:
         return torch.device(self.device) if self.device else default_device()
 
 
+def sitting_seed(config: BootstrapConfig, stage: str, offset: int) -> np.random.SeedSequence:
+    """The seed of a stage's world stream for this sitting: `config.seed + offset`, and the step the stage resumes
+    at. The checkpoint keeps the noise generator but not the stream (its pool holds thousands of latents), so a
+    stream seeded as at step 0 showed every sitting of a stage resumed over several sessions the first sitting's
+    scenes again. A first sitting draws as before, as the committed base's stages did."""
+    progress = config.stage_dir(stage) / "step.json"
+    step = json.loads(progress.read_text())["step"] if progress.is_file() else 0
+    return np.random.SeedSequence(config.seed + offset if step == 0 else [config.seed + offset, step])
+
+
 def learning_rate(lr: float, step: int, steps: int, decay_steps: int, warmup_steps: int = 200) -> float:
     """Linear warm-up, constant, then a linear decay to zero over the final `decay_steps`. Only the decay depends
     on the total, so a long run can be extended (or cut short) while it is still at the constant rate."""
@@ -331,7 +341,7 @@ def train_vae(config: BootstrapConfig, log: Callable[[str], None] = print) -> No
     device = config.torch_device
     vae = AutoencoderKL.from_pretrained(config.model_dir / "vae").to(device)
     vae.train()
-    stream = WorldStream(config.seed + 1)
+    stream = WorldStream(sitting_seed(config, "vae", 1))
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         x = pixels([render(scene) for scene, _ in stream.batch(config.vae_batch)]).to(device)
@@ -392,7 +402,7 @@ def train_vision(config: BootstrapConfig, log: Callable[[str], None] = print) ->
     vision_config = encoder.config.vision_config
     heads = VisionHeads(vision_config.out_hidden_size).to(model.device)
     cell = vision_config.patch_size * vision_config.spatial_merge_size
-    stream = WorldStream(config.seed + 4)
+    stream = WorldStream(sitting_seed(config, "vision", 4))
 
     def loss_fn(generator: torch.Generator) -> torch.Tensor:
         scenes = [stream.sampler.random_scene() for _ in range(config.vision_batch)]
@@ -491,7 +501,7 @@ class WorkerBatches(torch.utils.data.IterableDataset):
         torch.set_num_threads(1)
         config = self.config
         model = ZImageModel.load(str(config.model_dir), max_caption_tokens=NANO_CAPTION_TOKENS)
-        seed = np.random.SeedSequence(config.seed + 2).spawn(worker.num_workers)[worker.id]
+        seed = sitting_seed(config, "pretrain", 2).spawn(worker.num_workers)[worker.id]
         stream = WorldStream(seed, config.task_weights)
         pool = LatentPool(model, stream, config.pool_size // worker.num_workers, config.pool_refresh)
         while True:
@@ -508,7 +518,10 @@ def pretraining_batches(
     them)."""
     if config.data_workers == 0:
         pool = LatentPool(
-            model, WorldStream(config.seed + 2, config.task_weights), config.pool_size, config.pool_refresh
+            model,
+            WorldStream(sitting_seed(config, "pretrain", 2), config.task_weights),
+            config.pool_size,
+            config.pool_refresh,
         )
         return (pretraining_batch(model, pool, config, size) for _ in itertools.count())
     share = config.pool_size // config.data_workers
@@ -669,7 +682,7 @@ def distill(config: BootstrapConfig, log: Callable[[str], None] = print, judge: 
     pairs = TeacherPairs(
         model,
         teacher,
-        WorldStream(config.seed + 3, config.task_weights),
+        WorldStream(sitting_seed(config, "distill", 3), config.task_weights),
         config,
         torch.Generator().manual_seed(7),
         judge if config.curate_distill else None,
@@ -720,7 +733,8 @@ class RolloutTargets:
         judge: Judge | None = None,
     ):
         self.model, self.teacher, self.config, self.judge = model, teacher, config, judge
-        self.stream = WorldStream(config.seed + 4, config.task_weights)  # apart from the straight-line stage's
+        # Apart from the straight-line stage's stream.
+        self.stream = WorldStream(sitting_seed(config, "distill_on_policy", 4), config.task_weights)
         self.student_sigmas = model.schedule(4, NANO_RESOLUTION, NANO_RESOLUTION)
         self.teacher_sigmas = model.schedule(config.teacher_steps, NANO_RESOLUTION, NANO_RESOLUTION)
         self.draws = [self._draw(generator) for _ in range(config.rollout_draws)]
