@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dopsd.models.zimage import ZImageModel
+from dopsd.nano.bootstrap import BootstrapConfig, stage_progress
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from evaluation.geneval.detection import Detector
 from evaluation.geneval.intervals import family_differences
@@ -34,15 +35,23 @@ from evaluation.nano.detector import NanoDetector
 from evaluation.suite import rows_score, sampled_verdict_rows
 
 
+def check_side(spec: str) -> None:
+    """Refuse a side that names no model, before either side spends minutes sampling."""
+    folder, _, stage = spec.partition(":")
+    if not stage:
+        if not (Path(folder) / "model_index.json").is_file():
+            raise SystemExit(f"{spec}: no model_index.json there (a model folder, or WORKDIR:STAGE of a bootstrap)")
+    elif stage not in STAGE_STEPS:
+        raise SystemExit(f"{spec}: stage {stage!r} has no model to score (one of {list(STAGE_STEPS)})")
+    elif not ((Path(folder) / "config.json").is_file() and stage_progress(BootstrapConfig.from_workdir(folder), stage)):
+        raise SystemExit(f"{spec}: no {stage} checkpoint in {folder} (a bootstrap work folder)")
+
+
 def load_side(spec: str) -> ZImageModel:
     """`MODEL_DIR` or `WORKDIR:STAGE` -> the model it names."""
     folder, _, stage = spec.partition(":")
     if stage:
-        if stage not in STAGE_STEPS:
-            raise SystemExit(f"{spec}: stage {stage!r} has no model to score (one of {list(STAGE_STEPS)})")
         return checkpoint_model(folder, stage)
-    if not (Path(folder) / "model_index.json").is_file():
-        raise SystemExit(f"{spec}: no model_index.json there (a model folder, or WORKDIR:STAGE of a bootstrap)")
     return ZImageModel.load(folder, max_caption_tokens=NANO_CAPTION_TOKENS)
 
 
@@ -88,6 +97,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance (3 for the teacher)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    for side in (args.baseline, args.candidate):
+        check_side(side)
     torch.set_num_threads(args.threads)
     records = read_metadata(args.prompts)
     seeds, detector = list(range(args.seeds)), NanoDetector.load()

@@ -55,7 +55,7 @@ import torch
 
 from dopsd.config import parse_dataclass_args
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import BootstrapConfig, pretrain
+from dopsd.nano.bootstrap import BootstrapConfig, pretrain, stage_progress, task_probabilities
 from dopsd.nano.model import NANO_RESOLUTION
 from dopsd.preview import parse_seeds
 from dopsd.sampling import sample_images
@@ -110,12 +110,14 @@ def relation_counts(
 def main(config: TaskMixConfig) -> dict:
     source = BootstrapConfig.from_workdir(config.bootstrap)
     continuation = replace(source, workdir=config.workdir)
+    task_weights = tuple(float(w) for w in config.task_weights.split(","))
+    task_probabilities(task_weights)  # refused before the work folder is made
     workdir = Path(continuation.workdir)
     if not workdir.exists():
         shutil.copytree(source.model_dir, continuation.model_dir)
         shutil.copytree(source.stage_dir("pretrain"), continuation.stage_dir("pretrain"))
         shutil.copy(Path(source.workdir) / "config.json", workdir / "config.json")
-    start = json.loads((source.stage_dir("pretrain") / "step.json").read_text())["step"]
+    start = stage_progress(source, "pretrain")["step"]
     torch.set_num_threads(source.threads)
     if config.steps:
         # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.
@@ -125,7 +127,7 @@ def main(config: TaskMixConfig) -> dict:
             pretrain_lr=config.lr,
             pretrain_decay_steps=config.decay_steps,
             image_context_prob=config.image_context_prob,
-            task_weights=tuple(float(w) for w in config.task_weights.split(",")),
+            task_weights=task_weights,
         )
         (workdir / "continuation.json").write_text(json.dumps(asdict(recipe), indent=2))
         pretrain(recipe)

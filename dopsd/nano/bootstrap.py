@@ -177,13 +177,18 @@ class BootstrapConfig:
         return torch.device(self.device) if self.device else default_device()
 
 
+def stage_progress(config: BootstrapConfig, stage: str) -> dict:
+    """A stage's newest checkpoint's `step` and `seconds` (summed over sittings); empty when it has none."""
+    progress = config.stage_dir(stage) / "step.json"
+    return json.loads(progress.read_text()) if progress.is_file() else {}
+
+
 def sitting_seed(config: BootstrapConfig, stage: str, offset: int) -> np.random.SeedSequence:
     """The seed of a stage's world stream for this sitting: `config.seed + offset`, and the step the stage resumes
     at. The checkpoint keeps the noise generator but not the stream (its pool holds thousands of latents), so a
     stream seeded as at step 0 showed every sitting of a stage resumed over several sessions the first sitting's
     scenes again. A first sitting draws as before, as the committed base's stages did."""
-    progress = config.stage_dir(stage) / "step.json"
-    step = json.loads(progress.read_text())["step"] if progress.is_file() else 0
+    step = stage_progress(config, stage).get("step", 0)
     return np.random.SeedSequence(config.seed + offset if step == 0 else [config.seed + offset, step])
 
 
@@ -212,15 +217,14 @@ def run_stage(
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
-    step, seconds = 0, 0.0
-    if (folder / "step.json").is_file():
+    progress_so_far = stage_progress(config, name)
+    step, seconds = progress_so_far.get("step", 0), progress_so_far.get("seconds", 0.0)
+    if progress_so_far:
         for key, module in modules.items():
             module.load_state_dict(load_file(str(folder / f"{key}.safetensors")))
         state = torch.load(folder / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        progress_so_far = json.loads((folder / "step.json").read_text())
-        step, seconds = progress_so_far["step"], progress_so_far.get("seconds", 0.0)
         log(f"{name}: resuming at step {step}")
     start, losses = time.time(), []
     progress = tqdm(total=steps, initial=step, desc=name, mininterval=10)
@@ -883,9 +887,8 @@ def bootstrap(
         if stages is None and stage in done:
             continue
         stage_functions[stage](config, log)
-        progress = json.loads((config.stage_dir(stage) / "step.json").read_text())
         done[stage] = {
-            "seconds": progress.get("seconds"),
+            "seconds": stage_progress(config, stage).get("seconds"),
             "machine": machine_description(config.torch_device, config.threads),
         }
         for later in STAGES[STAGES.index(stage) + 1 :]:

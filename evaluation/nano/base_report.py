@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import BootstrapConfig, checkpoint_transformer
+from dopsd.nano.bootstrap import BootstrapConfig, checkpoint_transformer, stage_progress
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from dopsd.nano.packs import PACKS
 from dopsd.nano.world import render
@@ -202,14 +202,16 @@ def probe_checkpoint(
     `<workdir>/probes/<stage>_<step>_{geneval,<pack>}.png`."""
     workdir = Path(workdir)
     config = BootstrapConfig.from_workdir(workdir)
-    folder = config.stage_dir(stage)
-    if stage not in STAGE_STEPS or not (folder / "step.json").is_file():
-        raise ValueError(f"no {stage} checkpoint in {folder} (stages with a model to probe: {list(STAGE_STEPS)})")
+    progress = stage_progress(config, stage)
+    if stage not in STAGE_STEPS or not progress:
+        raise ValueError(
+            f"no {stage} checkpoint in {config.stage_dir(stage)} (stages with a model to probe: {list(STAGE_STEPS)})"
+        )
     model = checkpoint_model(workdir, stage)
     records = first_per_task(read_metadata(prompts), limit)
     if guidance is None:
         guidance = config.guidance if stage == "pretrain" else 0.0
-    result: dict = {"stage": stage, **json.loads((folder / "step.json").read_text()), "prompts": len(records)}
+    result: dict = {"stage": stage, **progress, "prompts": len(records)}
     result["guidance"] = guidance
     grids = workdir / "probes"
     grids.mkdir(exist_ok=True)
