@@ -5,8 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_base_compare.py"
+import pytest
 
+from evaluation.geneval.rules import read_metadata
+from evaluation.nano.detector import NanoDetector
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_base_compare.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import nano_base_compare  # noqa: E402  (a script, not a package)
 
 DIFFERENCE = re.compile(r"^  (\w+): ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]$", re.M)
 
@@ -31,16 +37,31 @@ def test_a_model_against_itself_differs_by_nothing(tiny_nano_bootstrap, tiny_wor
 
 def test_teachers_are_compared_at_their_own_steps_and_guidance(tiny_nano_bootstrap, tiny_world):
     pretrained = f"{tiny_nano_bootstrap.workdir}:pretrain"
-    run = compare(pretrained, pretrained, tiny_world / "base_prompts.jsonl", "--steps=3", "--guidance=3")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.startswith("GenEval-nano @3, guidance 3, ")
+    records, detector = read_metadata(tiny_world / "base_prompts.jsonl"), NanoDetector.load()
+    lines = nano_base_compare.comparison_lines(pretrained, pretrained, records, [0, 1], detector, steps=3, guidance=3)
+    assert lines[0].startswith("GenEval-nano @3, guidance 3, ")
     # Guided sampling draws its noise per (prompt, seed) like unguided: the same teacher twice gives the same images.
-    differences = DIFFERENCE.findall(run.stdout)
+    differences = DIFFERENCE.findall("\n".join(lines))
     assert differences and all(float(value) == 0.0 for _, *values in differences for value in values)
 
 
-def test_a_side_that_names_no_model_is_refused(tiny_nano_bootstrap, tiny_world):
-    run = compare(str(tiny_world), f"{tiny_nano_bootstrap.workdir}:distill", tiny_world / "base_prompts.jsonl")
-    assert run.returncode != 0 and "no model_index.json" in run.stderr
-    run = compare(f"{tiny_nano_bootstrap.workdir}:vae", str(tiny_world), tiny_world / "base_prompts.jsonl")
-    assert run.returncode != 0 and "has no model to score" in run.stderr
+def test_a_side_that_names_no_model_is_refused_before_anything_is_sampled(
+    tiny_nano_bootstrap, tiny_world, tmp_path, monkeypatch
+):
+    workdir = tiny_nano_bootstrap.workdir
+    command = [str(SCRIPT), f"--baseline={workdir}:distill", f"--candidate={tiny_world}", "--seeds=1"]
+    monkeypatch.setattr(sys, "argv", [*command, f"--prompts={tiny_world / 'base_prompts.jsonl'}"])
+    with pytest.raises(SystemExit, match="no model_index.json"):  # sampling the good baseline first would not
+        nano_base_compare.main()
+    refusals = {
+        f"{workdir}:vae": "has no model to score",
+        f"{tmp_path}:pretrain": "no pretrain checkpoint in",
+        f"{workdir}:distill": None,
+        str(Path(workdir) / "model"): None,
+    }
+    for spec, refusal in refusals.items():
+        if refusal is None:
+            nano_base_compare.check_side(spec)
+        else:
+            with pytest.raises(SystemExit, match=refusal):
+                nano_base_compare.check_side(spec)

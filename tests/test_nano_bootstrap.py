@@ -287,7 +287,8 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     command += ["--premise-prompts", "2"]
     shown = subprocess.run([*command, "--limit", "1", "--seeds", "0"], capture_output=True, text=True, check=True)
     assert "pretrain step 2 (6 prompts x 1 seeds, guidance 3.0)" in shown.stdout and "GenEval-nano @32:" in shown.stdout
-    subprocess.run([*command, "--stage", "distill", "--limit", "2"], capture_output=True, check=True)
+    detector = NanoDetector.load()
+    probe_checkpoint(tiny_nano_bootstrap.workdir, "distill", prompts, detector, [0, 1], limit=2, premise_prompts=2)
     probes = [
         json.loads(line) for line in (Path(tiny_nano_bootstrap.workdir) / "probes.jsonl").read_text().splitlines()
     ]
@@ -306,7 +307,7 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     assert Image.open(grids / "pretrain_2_geneval.png").size == (2 * NANO_RESOLUTION, 12 + 6 * NANO_RESOLUTION)
     assert Image.open(grids / "distill_2_geneval.png").size == (4 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
     with pytest.raises(ValueError, match="no vae checkpoint"):
-        probe_checkpoint(tiny_nano_bootstrap.workdir, "vae", prompts, NanoDetector.load())
+        probe_checkpoint(tiny_nano_bootstrap.workdir, "vae", prompts, detector)
 
 
 def test_learning_rate_warms_up_holds_then_decays_to_zero():

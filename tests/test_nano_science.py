@@ -60,7 +60,7 @@ def test_nano_science_at_a_tiny_budget(tmp_path, tiny_nano_bootstrap, tiny_world
         "--eval-images=1",
         "--reference-images=8",
         "--continual-arms=dopsd,dopsd+lwf,dopsd+compose,dopsd+joint",
-        "--continual-premise=2",
+        "--continual-premise=1",
         "--continual-lr=2e-4",
         f"--workdir={tmp_path / 'work'}",
         f"--out={out}",

@@ -5,10 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dopsd.nano.scenes import prompt_set, write_jsonl
 from dopsd.nano.world import Vocabulary
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "nano_task_mix.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import nano_task_mix  # noqa: E402  (a script, not a package)
+from nano_task_mix import TaskMixConfig  # noqa: E402
 
 
 def test_task_mix_screen_continues_pretraining_in_a_copy(tmp_path, tiny_nano_bootstrap):
@@ -29,5 +34,7 @@ def test_task_mix_screen_continues_pretraining_in_a_copy(tmp_path, tiny_nano_boo
     # two position prompts x two seeds, each counted once
     line = next(x for x in shown.stdout.splitlines() if x.startswith("position samples at 32 steps, 4:"))
     assert sum(int(part.rsplit(" ", 1)[1]) for part in line.split(": ")[1].split(", ")) == 4
-    bad = subprocess.run([*command[:-2], "--task-weights=1,1", "--steps=1"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "task weights must be 6 non-negative numbers" in bad.stderr
+    refused = TaskMixConfig(bootstrap=str(source), workdir=str(tmp_path / "refused"), task_weights="1,1", steps=1)
+    with pytest.raises(ValueError, match="task weights must be 6 non-negative numbers"):
+        nano_task_mix.main(refused)
+    assert not (tmp_path / "refused").exists()
