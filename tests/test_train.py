@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from dopsd.adapters import LORA_WEIGHTS, read_adapter
+from dopsd.cli import app
 from dopsd.config import TrainConfig, make_config
 from dopsd.data import DatasetError, Example, caption_negatives, read_dataset
 from dopsd.models import load_model
@@ -543,15 +545,8 @@ def test_cli_train_then_sample(tmp_path, tiny_zimage_path, dataset):
     from PIL import Image
 
     assert Image.open(grid).size == (3 * 32, 2 * 32)
-    bad = run(
-        [
-            str(BIN / "dopsd"),
-            *train_args(tiny_zimage_path, dataset, tmp_path / "r2"),
-            "--resolution",
-            "30",
-        ]
-    )
-    assert bad.returncode != 0 and "resolution 30x30 is not supported" in bad.stderr
+    bad = CliRunner().invoke(app, [*train_args(tiny_zimage_path, dataset, tmp_path / "r2"), "--resolution", "30"])
+    assert bad.exit_code != 0 and "resolution 30x30 is not supported" in str(bad.exception)
 
 
 def test_accelerate_launch_two_processes(tmp_path, tiny_zimage_path, dataset):
