@@ -32,6 +32,7 @@ from evaluation.geneval.intervals import family_differences
 from evaluation.geneval.rules import GenevalScore, detector_colours, read_metadata
 from evaluation.nano.base_report import STAGE_STEPS, checkpoint_model
 from evaluation.nano.detector import NanoDetector
+from evaluation.nano.premise import blank_share
 from evaluation.suite import rows_score, sampled_verdict_rows
 
 
@@ -78,9 +79,10 @@ def comparison_lines(
     scored = {spec: scored_rows(load_side(spec), records, seeds, detector, steps, guidance) for spec in sides}
     guided = f", guidance {guidance:g}" if guidance else ""
     lines = [f"GenEval-nano @{steps}{guided}, {len(records)} prompts x {len(seeds)} seeds:"]
-    for spec, (score, _) in scored.items():
+    for spec, (score, rows) in scored.items():
         tasks = ", ".join(f"{task} {value:.3f}" for task, value in score.tasks.items())
-        lines.append(f"  {spec}: {score.overall:.3f} ({tasks})")
+        # An empty canvas fails a prompt differently from a wrong object: worth telling apart when a side loses.
+        lines.append(f"  {spec}: {score.overall:.3f} ({tasks}); no object drawn {blank_share(rows):.3f}")
     differences = family_differences([scored[baseline][1]], [scored[candidate][1]])
     lines.append("candidate - baseline, 95% over prompts:")
     lines += [f"  {tag}: {d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for tag, d in differences.items()]

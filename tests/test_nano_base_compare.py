@@ -33,6 +33,8 @@ def test_a_model_against_itself_differs_by_nothing(tiny_nano_bootstrap, tiny_wor
     differences = DIFFERENCE.findall(run.stdout)
     assert {tag for tag, *_ in differences} >= {"overall", "counting", "position"}
     assert all(float(value) == 0.0 for _, *values in differences for value in values)
+    blanks = re.findall(r"; no object drawn (\d\.\d{3})$", run.stdout, re.M)  # each side's empty canvases
+    assert len(blanks) == 2 and blanks[0] == blanks[1]
 
 
 def test_teachers_are_compared_at_their_own_steps_and_guidance(tiny_nano_bootstrap, tiny_world):
