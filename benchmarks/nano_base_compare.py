@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from dopsd.models.zimage import ZImageModel
-from dopsd.nano.bootstrap import BootstrapConfig, stage_progress
+from dopsd.nano.bootstrap import BootstrapConfig
 from dopsd.nano.model import NANO_CAPTION_TOKENS, NANO_RESOLUTION
 from evaluation.geneval.detection import Detector
 from evaluation.geneval.intervals import family_differences
 from evaluation.geneval.rules import GenevalScore, detector_colours, read_metadata
-from evaluation.nano.base_report import STAGE_STEPS, checkpoint_model
+from evaluation.nano.base_report import checkpoint_model, scored_stage_progress
 from evaluation.nano.detector import NanoDetector
 from evaluation.nano.premise import blank_share
 from evaluation.suite import rows_score, sampled_verdict_rows
@@ -42,10 +42,11 @@ def check_side(spec: str) -> None:
     if not stage:
         if not (Path(folder) / "model_index.json").is_file():
             raise SystemExit(f"{spec}: no model_index.json there (a model folder, or WORKDIR:STAGE of a bootstrap)")
-    elif stage not in STAGE_STEPS:
-        raise SystemExit(f"{spec}: stage {stage!r} has no model to score (one of {list(STAGE_STEPS)})")
-    elif not ((Path(folder) / "config.json").is_file() and stage_progress(BootstrapConfig.from_workdir(folder), stage)):
-        raise SystemExit(f"{spec}: no {stage} checkpoint in {folder} (a bootstrap work folder)")
+    else:
+        try:
+            scored_stage_progress(BootstrapConfig.from_workdir(folder), stage)
+        except (FileNotFoundError, ValueError) as refusal:
+            raise SystemExit(f"{spec}: {refusal}") from None
 
 
 def load_side(spec: str) -> ZImageModel:

@@ -112,12 +112,14 @@ def main(config: TaskMixConfig) -> dict:
     continuation = replace(source, workdir=config.workdir)
     task_weights = tuple(float(w) for w in config.task_weights.split(","))
     task_probabilities(task_weights)  # refused before the work folder is made
+    start = stage_progress(source, "pretrain").get("step")
+    if start is None:
+        raise SystemExit(f"{config.bootstrap}: no pretraining checkpoint to continue from")
     workdir = Path(continuation.workdir)
     if not workdir.exists():
         shutil.copytree(source.model_dir, continuation.model_dir)
         shutil.copytree(source.stage_dir("pretrain"), continuation.stage_dir("pretrain"))
         shutil.copy(Path(source.workdir) / "config.json", workdir / "config.json")
-    start = stage_progress(source, "pretrain")["step"]
     torch.set_num_threads(source.threads)
     if config.steps:
         # The bootstrap's own recipe (batch, pool, contexts, ...), with only the continuation's fields changed.

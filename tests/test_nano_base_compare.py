@@ -55,9 +55,12 @@ def test_a_side_that_names_no_model_is_refused_before_anything_is_sampled(
     monkeypatch.setattr(sys, "argv", [*command, f"--prompts={tiny_world / 'base_prompts.jsonl'}"])
     with pytest.raises(SystemExit, match="no model_index.json"):  # sampling the good baseline first would not
         nano_base_compare.main()
+    (tmp_path / "untrained").mkdir()
+    (tmp_path / "untrained" / "config.json").write_bytes((Path(workdir) / "config.json").read_bytes())
     refusals = {
-        f"{workdir}:vae": "has no model to score",
-        f"{tmp_path}:pretrain": "no pretrain checkpoint in",
+        f"{workdir}:vae": "stage 'vae' has no model to score",
+        f"{tmp_path}:pretrain": f"{tmp_path}: no config.json there",
+        f"{tmp_path / 'untrained'}:pretrain": "no pretrain checkpoint in",
         f"{workdir}:distill": None,
         str(Path(workdir) / "model"): None,
     }

@@ -306,7 +306,7 @@ def test_probe_scores_a_checkpoint_and_keeps_the_trend(tiny_nano_bootstrap, tmp_
     # GenEval samples: one row per prompt, a column per step count and seed
     assert Image.open(grids / "pretrain_2_geneval.png").size == (2 * NANO_RESOLUTION, 12 + 6 * NANO_RESOLUTION)
     assert Image.open(grids / "distill_2_geneval.png").size == (4 * NANO_RESOLUTION, 12 + 12 * NANO_RESOLUTION)
-    with pytest.raises(ValueError, match="no vae checkpoint"):
+    with pytest.raises(ValueError, match="stage 'vae' has no model to score"):
         probe_checkpoint(tiny_nano_bootstrap.workdir, "vae", prompts, detector)
 
 

@@ -38,3 +38,10 @@ def test_task_mix_screen_continues_pretraining_in_a_copy(tmp_path, tiny_nano_boo
     with pytest.raises(ValueError, match="task weights must be 6 non-negative numbers"):
         nano_task_mix.main(refused)
     assert not (tmp_path / "refused").exists()
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "config.json").write_bytes((source / "config.json").read_bytes())
+    refused = TaskMixConfig(bootstrap=str(untrained), workdir=str(tmp_path / "refused"), steps=1)
+    with pytest.raises(SystemExit, match=f"{untrained}: no pretraining checkpoint"):
+        nano_task_mix.main(refused)
+    assert not (tmp_path / "refused").exists()

@@ -159,7 +159,10 @@ class BootstrapConfig:
     def from_workdir(cls, workdir: str | Path, **overrides) -> BootstrapConfig:
         """The config the bootstrap in `workdir` ran with (its config.json), with `overrides` (workdir is always
         `workdir`, so a copied work folder reads as itself)."""
-        saved = json.loads((Path(workdir) / "config.json").read_text())
+        saved_config = Path(workdir) / "config.json"
+        if not saved_config.is_file():
+            raise FileNotFoundError(f"{workdir}: no config.json there, so not a bootstrap work folder")
+        saved = json.loads(saved_config.read_text())
         if saved.get("task_weights") is not None:
             saved["task_weights"] = tuple(saved["task_weights"])
         return cls(**{**saved, "workdir": str(workdir), **overrides})

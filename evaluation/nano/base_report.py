@@ -158,6 +158,16 @@ STAGE_STEPS = {"pretrain": 32, "distill": 4, "distill_on_policy": 4}
 """The step count each stage's model is meant to be sampled at."""
 
 
+def scored_stage_progress(config: BootstrapConfig, stage: str) -> dict:
+    """`stage_progress` of a stage that has a model to score; ValueError when it has none, or no checkpoint yet."""
+    if stage not in STAGE_STEPS:
+        raise ValueError(f"stage {stage!r} has no model to score (one of {list(STAGE_STEPS)})")
+    progress = stage_progress(config, stage)
+    if not progress:
+        raise ValueError(f"no {stage} checkpoint in {config.stage_dir(stage)}")
+    return progress
+
+
 def checkpoint_model(workdir: str | Path, stage: str) -> ZImageModel:
     """The work folder's pipeline with the transformer of `stage`'s newest checkpoint."""
     config = BootstrapConfig.from_workdir(workdir)
@@ -202,11 +212,7 @@ def probe_checkpoint(
     `<workdir>/probes/<stage>_<step>_{geneval,<pack>}.png`."""
     workdir = Path(workdir)
     config = BootstrapConfig.from_workdir(workdir)
-    progress = stage_progress(config, stage)
-    if stage not in STAGE_STEPS or not progress:
-        raise ValueError(
-            f"no {stage} checkpoint in {config.stage_dir(stage)} (stages with a model to probe: {list(STAGE_STEPS)})"
-        )
+    progress = scored_stage_progress(config, stage)
     model = checkpoint_model(workdir, stage)
     records = first_per_task(read_metadata(prompts), limit)
     if guidance is None:
